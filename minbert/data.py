@@ -1,0 +1,297 @@
+"""Readers for the CS224N task files, tokenization, and length-bucketed batching.
+
+Files are tab-separated with a header row; columns are found by header name (the first column is an unnamed
+row index; the SST test file has two). Every problem is reported as ``file:line: what is wrong``; with
+``skip_bad_rows`` malformed rows are skipped and counted instead (never guessed).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str  # sst | qqp | sts
+    files: dict[str, str]  # split -> file name
+    text_columns: tuple[str, ...]
+    label_column: str
+    label_kind: str  # "class" (integer in [0, num_labels)) or "score" (float in [lo, hi])
+    num_labels: int = 0
+    score_range: tuple[float, float] = (0.0, 0.0)
+    output_prefix: str = ""  # prediction file prefix (CS224N leaderboard names)
+    prediction_header: str = ""
+
+    @property
+    def is_pair(self) -> bool:
+        return len(self.text_columns) == 2
+
+
+TASKS: dict[str, TaskSpec] = {
+    "sst": TaskSpec(
+        "sst",
+        {"train": "ids-sst-train.csv", "dev": "ids-sst-dev.csv", "test": "ids-sst-test-student.csv"},
+        ("sentence",), "sentiment", "class", num_labels=5, output_prefix="sst", prediction_header="Predicted_Sentiment",
+    ),
+    "qqp": TaskSpec(
+        "qqp",
+        {"train": "quora-train.csv", "dev": "quora-dev.csv", "test": "quora-test-student.csv"},
+        ("sentence1", "sentence2"), "is_duplicate", "class", num_labels=2, output_prefix="para",
+        prediction_header="Predicted_Is_Paraphrase",
+    ),
+    "sts": TaskSpec(
+        "sts",
+        {"train": "sts-train.csv", "dev": "sts-dev.csv", "test": "sts-test-student.csv"},
+        ("sentence1", "sentence2"), "similarity", "score", score_range=(0.0, 5.0), output_prefix="sts",
+        prediction_header="Predicted_Similiary",  # sic: the course's spelling
+    ),
+}
+
+
+class DataError(ValueError):
+    """A problem with an input file; the message is one line, ``file:line: problem``."""
+
+
+@dataclass
+class Example:
+    id: str
+    texts: tuple[str, ...]
+    label: float | int | None
+    line: int
+
+
+@dataclass
+class TaskData:
+    task: TaskSpec
+    split: str
+    path: Path
+    examples: list[Example]
+    skipped: list[str] = field(default_factory=list)  # "file:line: problem" of each skipped row
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self.examples) and self.examples[0].label is not None
+
+
+def read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Read a tab-separated file as (header, [(line number, fields)]). Whole-file problems raise DataError."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: invalid UTF-8") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
+    rows: list[tuple[int, list[str]]] = []
+    try:
+        for fields in reader:
+            rows.append((reader.line_num, fields))
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num + 1}: {e}") from None
+    if not rows:
+        raise DataError(f"{path}:1: empty file (expected a header row)")
+    (_, header), body = rows[0], rows[1:]
+    return header, [(n, f) for n, f in body if f]  # csv yields [] for blank lines
+
+
+def _column(path: Path, header: list[str], name: str) -> int:
+    try:
+        return header.index(name)
+    except ValueError:
+        shown = ", ".join(repr(h) for h in header if h) or "none"
+        raise DataError(f"{path}:1: missing column {name!r} (named columns: {shown})") from None
+
+
+def _parse_label(spec: TaskSpec, value: str) -> float | int:
+    """Parse a label; raises ValueError (malformed, skippable) or DataError-worthy RangeError."""
+    value = value.strip()
+    if not value:
+        raise ValueError("missing label")
+    try:
+        x = float(value)
+    except ValueError:
+        raise ValueError(f"label {value!r} is not a number") from None
+    if not math.isfinite(x):
+        raise ValueError(f"label {value!r} is not finite")
+    if spec.label_kind == "class":
+        if x != int(x) or not 0 <= x < spec.num_labels:
+            raise LabelRangeError(f"label {value!r} is out of range (classes 0..{spec.num_labels - 1})")
+        return int(x)
+    lo, hi = spec.score_range
+    if not lo <= x <= hi:
+        raise LabelRangeError(f"label {value!r} is out of range ({lo:g}..{hi:g})")
+    return x
+
+
+class LabelRangeError(ValueError):
+    pass
+
+
+def read_task_file(spec: TaskSpec, path: str | Path, split: str, skip_bad_rows: bool = False) -> TaskData:
+    """Read one task file. Labels are required for train/dev and read if present for test."""
+    path = Path(path)
+    header, rows = read_table(path)
+    id_col = _column(path, header, "id")
+    text_cols = [_column(path, header, c) for c in spec.text_columns]
+    label_col = None
+    if split != "test" or spec.label_column in header:
+        label_col = _column(path, header, spec.label_column)
+    data = TaskData(spec, split, path, [])
+    seen: dict[str, int] = {}
+    for line, fields in rows:
+        try:
+            if len(fields) != len(header):
+                raise ValueError(f"expected {len(header)} tab-separated fields, found {len(fields)}")
+            ex_id = fields[id_col].strip()
+            if not ex_id:
+                raise ValueError("empty id")
+            if ex_id in seen:
+                raise ValueError(f"duplicate id {ex_id!r} (first on line {seen[ex_id]})")
+            texts = tuple(fields[c] for c in text_cols)
+            for name, t in zip(spec.text_columns, texts):
+                if not t.strip():
+                    raise ValueError(f"empty {name}")
+            label = _parse_label(spec, fields[label_col]) if label_col is not None else None
+        except LabelRangeError as e:
+            raise DataError(f"{path}:{line}: {e}") from None
+        except ValueError as e:
+            if not skip_bad_rows:
+                raise DataError(f"{path}:{line}: {e} (use --skip_bad_rows to skip such rows)") from None
+            data.skipped.append(f"{path}:{line}: {e}")
+            continue
+        seen[ex_id] = line
+        data.examples.append(Example(ex_id, texts, label, line))
+    if not data.examples:
+        raise DataError(f"{path}:{len(rows) + 1}: no usable rows")
+    return data
+
+
+def load_task(task: str, split: str, data_dir: str | Path, skip_bad_rows: bool = False,
+              max_samples: int | None = None) -> TaskData:
+    spec = TASKS[task]
+    data = read_task_file(spec, Path(data_dir) / spec.files[split], split, skip_bad_rows)
+    if max_samples is not None:
+        data.examples = data.examples[:max_samples]
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenization and batching
+
+
+@dataclass
+class Encoded:
+    """Token ids of one text column of a task split (ragged, unpadded)."""
+    ids: list[list[int]]
+
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.ids]
+
+
+def encode_texts(tokenizer: Tokenizer, texts: list[str]) -> Encoded:
+    return Encoded([e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=True)])
+
+
+@dataclass
+class TaskTensors:
+    """A task split ready for batching: one Encoded per text column, labels, ids."""
+    task: TaskSpec
+    columns: list[Encoded]
+    labels: torch.Tensor | None
+    ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def lengths(self) -> list[int]:
+        # Cost of an example is dominated by its longest text; bucket on that.
+        return [max(ls) for ls in zip(*(c.lengths() for c in self.columns))]
+
+    def batch(self, indices: list[int], pad_id: int = 0) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for k, col in enumerate(self.columns):
+            ids, mask = pad([col.ids[i] for i in indices], pad_id)
+            suffix = "" if k == 0 else "_b"
+            out["input_ids" + suffix], out["attention_mask" + suffix] = ids, mask
+        if self.labels is not None:
+            out["labels"] = self.labels[indices]
+        return out
+
+
+def tensorize(data: TaskData, tokenizer: Tokenizer) -> TaskTensors:
+    columns = [encode_texts(tokenizer, [ex.texts[k] for ex in data.examples]) for k in range(len(data.task.text_columns))]
+    labels = None
+    if data.has_labels:
+        dtype = torch.long if data.task.label_kind == "class" else torch.float32
+        labels = torch.tensor([ex.label for ex in data.examples], dtype=dtype)
+    return TaskTensors(data.task, columns, labels, [ex.id for ex in data.examples])
+
+
+def pad(seqs: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to the longest sequence in the batch (per-batch padding)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def bucketed_batches(lengths: list[int], batch_size: int, generator: torch.Generator, chunk_batches: int = 50) -> list[list[int]]:
+    """Shuffle, then sort by length within chunks of ``chunk_batches`` batches, cut into batches and shuffle
+    the batch order: batches of similar lengths (little padding) in a random order."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    chunk = batch_size * chunk_batches
+    batches: list[list[int]] = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start : start + chunk], key=lambda i: lengths[i])
+        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    perm = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in perm]
+
+
+def sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Prediction batches: sorted by length (least padding); callers restore the original order by index."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class TaskStream:
+    """An endless, deterministic stream of training batches for one task.
+
+    Pass ``p`` over the data uses its own bucketed shuffle seeded by (seed, task, p), so batch ``i`` of the
+    stream is a pure function of ``i``: resuming needs only the step count, and a task larger than the epoch
+    keeps drawing unseen examples in the next epoch (the report's §4.5 "iterations" semantics).
+    """
+
+    def __init__(self, data: TaskTensors, batch_size: int, seed: int, task_index: int):
+        self.data, self.batch_size, self.seed, self.task_index = data, batch_size, seed, task_index
+        self.lengths = data.lengths()
+        self.batches_per_pass = math.ceil(len(data) / batch_size)
+        self._plan: tuple[int, list[list[int]]] | None = None
+
+    def indices(self, i: int) -> list[int]:
+        p, k = divmod(i, self.batches_per_pass)
+        if self._plan is None or self._plan[0] != p:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.task_index * 7_919 + p)
+            self._plan = (p, bucketed_batches(self.lengths, self.batch_size, g))
+        return self._plan[1][k]
+
+    def batch(self, i: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+        return self.data.batch(self.indices(i), pad_id)

@@ -1,0 +1,31 @@
+"""Task metrics and the CS224N overall score."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.stats import pearsonr
+
+METRIC_NAMES = {"sst": "accuracy", "qqp": "accuracy", "sts": "pearson"}
+
+
+def accuracy(pred, gold) -> float:
+    pred, gold = np.asarray(pred), np.asarray(gold)
+    return float((pred == gold).mean())
+
+
+def pearson(pred, gold) -> float:
+    pred, gold = np.asarray(pred, dtype=np.float64), np.asarray(gold, dtype=np.float64)
+    if pred.std() == 0 or gold.std() == 0:  # undefined; a constant predictor carries no correlation
+        return 0.0
+    return float(pearsonr(pred, gold).statistic)
+
+
+def task_score(task: str, pred, gold) -> float:
+    return pearson(pred, gold) if task == "sts" else accuracy(pred, gold)
+
+
+def overall_score(scores: dict[str, float]) -> float:
+    """(SST acc + QQP acc + (STS r + 1) / 2) / 3, averaged over the tasks present (Pearson mapped to 0..1)."""
+    parts = [(v + 1) / 2 if t == "sts" else v for t, v in scores.items() if t in METRIC_NAMES]
+    return sum(parts) / len(parts) if parts else math.nan

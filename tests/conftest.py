@@ -1,0 +1,37 @@
+"""Shared fixtures: small slices of the shipped task files, a tiny random encoder."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from minbert.data import TASKS
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+
+
+def write_slice(src: Path, dst: Path, rows: int) -> None:
+    """Copy the header and the first ``rows`` records of a task file (byte-exact lines)."""
+    with open(src, encoding="utf-8", newline="") as f:
+        lines = f.readlines()
+    dst.write_text("".join(lines[: rows + 1]), encoding="utf-8", newline="")
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    """A data dir with 48 rows of every file (the two unlabeled quora-train rows are past these)."""
+    d = tmp_path_factory.mktemp("data")
+    for spec in TASKS.values():
+        for name in spec.files.values():
+            write_slice(DATA / name, d / name, 48)
+    return d
+
+
+@pytest.fixture
+def data_copy(tmp_path, small_data) -> Path:
+    """A private, writable copy of ``small_data`` for tests that corrupt files."""
+    d = tmp_path / "data"
+    shutil.copytree(small_data, d)
+    return d
