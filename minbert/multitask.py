@@ -20,6 +20,7 @@ class MultitaskConfig:
     tasks: list[str] = field(default_factory=lambda: ["sst", "qqp", "sts"])
     pooling: str = "cls"
     sts_head: str = "linear"
+    para_head: str = "uv"
     head_dropout: float = 0.1
 
     def __post_init__(self) -> None:
@@ -32,7 +33,8 @@ class MultitaskBert(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.config = config
-        self.heads = build_heads(encoder.config.hidden_size, config.tasks, config.sts_head, config.head_dropout)
+        self.heads = build_heads(encoder.config.hidden_size, config.tasks, config.sts_head, config.head_dropout,
+                                 config.para_head)
 
     # The forward pass is split at the embedding-layer output so SMART can perturb it (Jiang et al. 2020, §3).
     def embed_inputs(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -1,12 +1,13 @@
 """Batched prediction and the CS224N leaderboard prediction files (read and write)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import TASKS, DataError, TaskSpec, TaskTensors, sorted_batches
+from .data import TASKS, DataError, TaskSpec, TaskTensors, shorten, sorted_batches
 from .io import atomic_open
 
 
@@ -53,25 +54,38 @@ def prediction_path(directory: str | Path, task: str, split: str) -> Path:
 
 def read_predictions(path: str | Path, spec: TaskSpec) -> dict[str, float]:
     """Read a prediction file; malformed lines, duplicate ids and out-of-range values are DataErrors."""
+    return _read_prediction_lines(path, spec)[0]
+
+
+def _read_prediction_lines(path: str | Path, spec: TaskSpec) -> tuple[dict[str, float], dict[str, int]]:
+    """(id -> value, id -> line number) of a prediction file."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        raw_bytes = path.read_bytes()
     except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        text = raw_bytes.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        line = raw_bytes[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: invalid UTF-8") from None
-    lines = text.splitlines()
+    # Lines end at "\n" only (str.splitlines would also split at form feeds and other separators, and the
+    # line numbers in messages would no longer match the file's).
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    if lines and lines[-1] == "":
+        lines.pop()
     if not lines:
         raise DataError(f"{path}:1: empty file (expected header 'id \\t {spec.prediction_header}')")
     header = [h.strip() for h in lines[0].split("\t")]
     if header != ["id", spec.prediction_header]:
-        raise DataError(f"{path}:1: header should be 'id \\t {spec.prediction_header}', found {lines[0].strip()!r}")
+        raise DataError(f"{path}:1: header should be 'id \\t {spec.prediction_header}', found {shorten(lines[0].strip())}")
     preds: dict[str, float] = {}
     first_line: dict[str, int] = {}
     for n, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
+        if "\x00" in line:
+            raise DataError(f"{path}:{n}: NUL byte in the line")
         parts = line.split(",")
         if len(parts) != 2:
             raise DataError(f"{path}:{n}: expected 'id , value', found {len(parts)} comma-separated fields")
@@ -79,20 +93,24 @@ def read_predictions(path: str | Path, spec: TaskSpec) -> dict[str, float]:
         if not pid:
             raise DataError(f"{path}:{n}: empty id")
         if pid in preds:
-            raise DataError(f"{path}:{n}: duplicate id {pid!r} (first on line {first_line[pid]})")
+            raise DataError(f"{path}:{n}: duplicate id {shorten(pid)} (first on line {first_line[pid]})")
         try:
+            if "_" in raw:  # float() reads "0_1" as 1.0
+                raise ValueError
             value = float(raw)
         except ValueError:
-            raise DataError(f"{path}:{n}: value {raw[:40]!r} is not a number") from None
+            raise DataError(f"{path}:{n}: value {shorten(raw)} is not a number") from None
+        if not math.isfinite(value):
+            raise DataError(f"{path}:{n}: value {shorten(raw)} is not finite")
         if spec.label_kind == "class":
             if value != int(value) or not 0 <= value < spec.num_labels:
-                raise DataError(f"{path}:{n}: value {raw!r} is not a class in 0..{spec.num_labels - 1}")
+                raise DataError(f"{path}:{n}: value {shorten(raw)} is not a class in 0..{spec.num_labels - 1}")
         elif not spec.score_range[0] <= value <= spec.score_range[1]:
             lo, hi = spec.score_range
-            raise DataError(f"{path}:{n}: value {raw!r} is outside {lo:g}..{hi:g}")
+            raise DataError(f"{path}:{n}: value {shorten(raw)} is outside {lo:g}..{hi:g}")
         preds[pid] = value
         first_line[pid] = n
-    return preds
+    return preds, first_line
 
 
 def score_prediction_dir(pred_dir: str | Path, data_dir: str | Path, allow_partial: bool = False) -> dict[str, dict[str, float]]:
@@ -112,17 +130,18 @@ def score_prediction_dir(pred_dir: str | Path, data_dir: str | Path, allow_parti
             if not path.exists():
                 continue
             found = True
-            preds = read_predictions(path, spec)
+            preds, pred_lines = _read_prediction_lines(path, spec)
             gold = load_task(task, split, data_dir, skip_bad_rows=True)
             gold_ids = {ex.id for ex in gold.examples}
             unknown = [i for i in preds if i not in gold_ids]
             if unknown:
-                raise DataError(f"{path}: {len(unknown)} id(s) not in {gold.path}, e.g. {unknown[0]!r}")
+                raise DataError(f"{path}: {len(unknown)} id(s) not in {gold.path}, e.g. {shorten(unknown[0])} "
+                                f"({path}:{pred_lines[unknown[0]]})")
             examples = [ex for ex in gold.examples if ex.id in preds] if allow_partial else gold.examples
             missing = [ex for ex in examples if ex.id not in preds]
             if missing:
                 raise DataError(f"{path}: {len(missing)} id(s) of {gold.path} have no prediction, "
-                                f"e.g. {missing[0].id!r} ({gold.path}:{missing[0].line})")
+                                f"e.g. {shorten(missing[0].id)} ({gold.path}:{missing[0].line})")
             if gold.has_labels and examples:
                 results.setdefault(split, {})[task] = task_score(
                     task, [preds[ex.id] for ex in examples], [ex.label for ex in examples])

@@ -11,9 +11,10 @@ from .config import PRESETS
 from .model import resolve_model_dir
 
 
-def load_tokenizer(name_or_path: str | Path, max_seq_length: int = 128) -> Tokenizer:
+def load_tokenizer(name_or_path: str | Path, max_seq_length: int | None = None) -> Tokenizer:
     """Load the tokenizer of a preset or model directory, with built-in padding off and truncation to
-    ``max_seq_length``. Presets without weights use the embedded encoder's uncased vocabulary. Sentence pairs
+    ``max_seq_length`` (None: keep the tokenizer's own truncation, else 128; a checkpoint's tokenizer.json keeps
+    its training run's limit, so predictions match). Presets without weights use the embedded encoder's uncased vocabulary. Sentence pairs
     are encoded as ``[CLS] a [SEP] b [SEP]`` with token types 0/1."""
     name = str(name_or_path)
     directory = resolve_model_dir("minilm-l6" if name in PRESETS else name)
@@ -27,6 +28,8 @@ def load_tokenizer(name_or_path: str | Path, max_seq_length: int = 128) -> Token
     else:
         raise ValueError(f"{directory}: neither tokenizer.json nor vocab.txt found")
     tok.no_padding()  # we pad per batch; the shipped tokenizer.json pads every input to 128
+    if max_seq_length is None:
+        max_seq_length = (tok.truncation or {}).get("max_length") or 128
     tok.enable_truncation(max_length=max_seq_length)
     return tok
 

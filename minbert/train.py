@@ -7,12 +7,16 @@ prediction files.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
+import signal
+import threading
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -23,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .combiners import StepContext, build_combiner
 from .data import SPLITS, TASKS, TaskData, TaskStream, TaskTensors, load_task, tensorize
-from .io import atomic_write_text
+from .io import AppendLog, atomic_save, atomic_write_text, published_dir, remove_stale_temps, replace_dir
 from .metrics import overall_score, task_score
 from .model import BertModel
 from .multitask import MultitaskBert, MultitaskConfig
@@ -48,18 +52,68 @@ def resolve_device(name: str) -> torch.device:
 
 
 class MetricsLog:
-    """metrics.jsonl in the output directory: one JSON object per line, flushed as written."""
+    """metrics.jsonl in the output directory: one JSON object per line, flushed as written.
 
-    def __init__(self, path: Path):
+    With ``report_to="tensorboard"`` every numeric field is also a TensorBoard scalar (event files in
+    ``<output_dir>/tensorboard``), keyed by the record's step: ``loss_sst``, ``lr``, ``dev/overall``...
+    """
+
+    def __init__(self, path: Path, report_to: str = "none"):
         self.path = path
-        self._f = open(path, "a", encoding="utf-8")
+        self._writer_class = None  # the SummaryWriter is made at the first record (see write)
+        self._tb = None
+        self._last_step = 0
+        if report_to == "tensorboard":
+            self._writer_class = self.tensorboard_writer_class()
+        elif report_to != "none":
+            raise ValueError(f"--report_to {report_to}: choose none or tensorboard")
+        self._log = AppendLog(path)  # appended to by a resumed run; a torn last line is dropped
+
+    @staticmethod
+    def tensorboard_writer_class():
+        """torch's SummaryWriter, or a one-line ValueError naming the package to install."""
+        try:
+            import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it; checked first for a clear message)
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("--report_to tensorboard needs the tensorboard package: pip install tensorboard "
+                             "(or pip install 'minbert[tensorboard]')") from None
+        return SummaryWriter
 
     def write(self, **record) -> None:
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
+        self._log.write_line(json.dumps(record))
+        if self._writer_class is not None and self._tb is None:
+            # A resumed run first writes {"resumed_from_step": N}: TensorBoard then hides the killed run's
+            # events past step N, which the resumed run logs again.
+            resumed = record.get("resumed_from_step")
+            self._tb = self._writer_class(log_dir=str(Path(self.path).parent / "tensorboard"),
+                                          purge_step=resumed + 1 if isinstance(resumed, int) else None)
+            self._last_step = resumed or 0
+            if resumed is not None:
+                return
+        if self._tb is not None:
+            # Records without a step (the final one) are plotted at the last step seen, under "final/".
+            step = record.get("step", self._last_step)
+            self._last_step = step
+            prefix = "final/" if record.get("final") else ""
+            for name, value in _numeric_fields(record):
+                if name not in ("step", "epoch"):
+                    self._tb.add_scalar(prefix + name, value, global_step=step)
+            self._tb.flush()
 
     def close(self) -> None:
-        self._f.close()
+        self._log.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _numeric_fields(record: dict, prefix: str = ""):
+    """(name, number) pairs of a record, nested dicts flattened as ``dev/sst``; booleans are not numbers here."""
+    for key, value in record.items():
+        if isinstance(value, dict):
+            yield from _numeric_fields(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield prefix + key, value
 
 
 def load_datasets(args: Namespace, tokenizer, splits: tuple[str, ...]) -> dict[tuple[str, str], TaskData]:
@@ -77,7 +131,8 @@ def load_datasets(args: Namespace, tokenizer, splits: tuple[str, ...]) -> dict[t
 
 def build_model(args: Namespace) -> MultitaskBert:
     encoder = BertModel.from_pretrained(args.model_name_or_path)
-    config = MultitaskConfig(tasks=list(args.tasks), pooling=args.pooling, sts_head=args.sts_head)
+    config = MultitaskConfig(tasks=list(args.tasks), pooling=args.pooling, sts_head=args.sts_head,
+                             para_head=args.para_head)
     return MultitaskBert(encoder, config)
 
 
@@ -116,16 +171,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(args: Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
-    name = args.optim.lower()
-    groups = param_groups(model, args.weight_decay)
-    if name == "adamw":
-        if args.optim_args:
-            raise ValueError("--optim_args is only used with --optim mfac")
-        # The fused kernel is one pass over each tensor: ~50x faster than the default per-tensor loop on CPU.
-        return torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
     from .optim import build_optimizer as build_named, parse_optim_args
 
-    return build_named(name, groups, args.learning_rate, args.weight_decay, parse_optim_args(args.optim_args or ""))
+    options = parse_optim_args(args.optim_args)
+    if args.optim == "adamw":
+        # The fused kernel is one pass over each tensor: ~50x faster than the default per-tensor loop on CPU.
+        options.setdefault("fused", True)
+    return build_named(args.optim, param_groups(model, args.weight_decay), args.learning_rate, args.weight_decay, options)
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
@@ -147,7 +199,7 @@ def print_scores(title: str, scores: dict[str, float]) -> None:
 
 class Trainer:
     def __init__(self, args: Namespace, model: MultitaskBert, train: dict[str, TaskTensors], dev: dict[str, TaskTensors],
-                 device: torch.device, tokenizer, out_dir: Path, metrics: MetricsLog):
+                 device: torch.device, tokenizer, out_dir: Path, metrics: MetricsLog | None):
         self.args, self.model, self.dev, self.device = args, model, dev, device
         self.tokenizer, self.pad_id = tokenizer, pad_token_id(tokenizer)
         self.out_dir, self.metrics = out_dir, metrics
@@ -159,13 +211,23 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * args.num_train_epochs
         self.optimizer = build_optimizer(args, model)
         self.scheduler = linear_schedule(self.optimizer, int(args.warmup_ratio * self.total_steps), self.total_steps)
-        self.combiner = build_combiner(args.combiner)
+        self.combiner = build_combiner(args.combiner, args.seed)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.shared_params = model.shared_parameters()
         self.bad_steps = 0  # non-finite steps skipped in total
         self.bad_in_a_row = 0
         self.best_score = -math.inf
+        self.best_scores: dict[str, float] = {}
+        self.best_epoch = self.best_step = 0
         self.best_state: dict[str, torch.Tensor] | None = None
+        # Position: optimizer steps done. TaskStream batch i is a pure function of i, so this is the sampler state.
+        self.global_step = self.last_saved_step = 0
+        self.running: dict[str, list[float]] = {t: [] for t in self.tasks}  # losses since the last metrics record
+        self.epoch_examples, self.epoch_seconds = 0, 0.0
+        self.stop_requested = False  # set by Ctrl-C: stop after the current step, once `last` is saved
+        self._rng_to_restore: dict | None = None
+        self._kill_at_step = os.environ.get("MINBERT_TEST_KILL_AT_STEP")  # test-only fault injection
+        self._step_delay = float(os.environ.get("MINBERT_TEST_STEP_DELAY") or 0)  # test-only: slow steps down
         self.smart = None
         if getattr(args, "smart", False):
             from .smart import SmartRegularizer
@@ -207,43 +269,243 @@ class Trainer:
 
         ctx = StepContext(self.tasks, task_loss, self.optimizer_step, self.shared_params, self.model)
         losses = self.combiner.step(ctx)
+        if self.smart is not None:
+            self.smart.after_step(self.model)  # Bregman proximal point: move the EMA copy θ̃ toward θ
         self.scheduler.step()
         return losses
 
     def train(self) -> dict[str, float]:
-        args = self.args
+        """Train from ``global_step`` (0, or where a restored `last` checkpoint stopped) to the end."""
+        args, spe = self.args, self.steps_per_epoch
         self.model.train()
         log_every = max(1, args.logging_steps)
-        best_scores: dict[str, float] = {}
-        for epoch in range(args.num_train_epochs):
-            t0, examples = time.perf_counter(), 0
-            running: dict[str, list[float]] = {t: [] for t in self.tasks}
-            bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.num_train_epochs}", disable=None)
-            for s in bar:
-                step = epoch * self.steps_per_epoch + s
-                losses = self.train_step(step)
-                examples += sum(len(self.streams[t].indices(step)) for t in self.tasks)
-                for t, l in losses.items():
-                    running[t].append(l)
-                if (step + 1) % log_every == 0 or s == self.steps_per_epoch - 1:
-                    avg = {f"loss_{t}": float(np.mean(v)) for t, v in running.items() if v}
-                    bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in avg.items()})
-                    self.metrics.write(step=step + 1, epoch=epoch + 1, **avg, lr=self.scheduler.get_last_lr()[0],
-                                       examples_per_s=examples / (time.perf_counter() - t0), bad_steps=self.bad_steps)
-                    running = {t: [] for t in self.tasks}
-            scores = evaluate(self.model, self.dev, args, self.device, self.pad_id)
-            improved = scores["overall"] > self.best_score
-            self.metrics.write(epoch=epoch + 1, step=(epoch + 1) * self.steps_per_epoch, dev=scores, best=improved,
-                               epoch_seconds=time.perf_counter() - t0)
-            log.info("epoch %d dev: %s%s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),
-                     " (best)" if improved else "")
-            if improved:
-                self.best_score, best_scores = scores["overall"], scores
-                self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-                save_checkpoint(self.model, self.out_dir / "best", self.tokenizer)
+        if self._rng_to_restore is not None:  # the resumed run draws the random numbers the killed one would have
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+        with stop_on_sigint(self):
+            for epoch in range(self.global_step // spe, args.num_train_epochs):
+                first = self.global_step - epoch * spe  # > 0 when resuming in the middle of this epoch
+                if first == 0:
+                    self.running = {t: [] for t in self.tasks}
+                    self.epoch_examples, self.epoch_seconds = 0, 0.0
+                t0 = time.perf_counter() - self.epoch_seconds
+                bar = tqdm(range(first, spe), initial=first, total=spe, desc=f"epoch {epoch + 1}/{args.num_train_epochs}",
+                           disable=None)
+                for s in bar:
+                    step = epoch * spe + s
+                    losses = self.train_step(step)
+                    self.global_step = step + 1
+                    self.epoch_examples += sum(len(self.streams[t].indices(step)) for t in self.tasks)
+                    for t, l in losses.items():
+                        self.running[t].append(l)
+                    if (step + 1) % log_every == 0 or s == spe - 1:
+                        avg = {f"loss_{t}": float(np.mean(v)) for t, v in self.running.items() if v}
+                        bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in avg.items()})
+                        self.metrics.write(step=step + 1, epoch=epoch + 1, **avg, lr=self.scheduler.get_last_lr()[0],
+                                           examples_per_s=self.epoch_examples / (time.perf_counter() - t0),
+                                           bad_steps=self.bad_steps)
+                        self.running = {t: [] for t in self.tasks}
+                    self.epoch_seconds = time.perf_counter() - t0
+                    self._test_hooks()
+                    if s < spe - 1:  # the epoch's last step is saved after its evaluation, below
+                        if self.stop_requested or (args.save_steps and self.global_step % args.save_steps == 0):
+                            self.save_last()
+                        if self.stop_requested:
+                            raise self._interrupted()
+                scores = evaluate(self.model, self.dev, args, self.device, self.pad_id)
+                improved = scores["overall"] > self.best_score
+                self.metrics.write(epoch=epoch + 1, step=self.global_step, dev=scores, best=improved,
+                                   epoch_seconds=time.perf_counter() - t0)
+                log.info("epoch %d dev: %s%s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),
+                         " (best)" if improved else "")
+                if improved:
+                    self.best_score, self.best_scores = scores["overall"], scores
+                    self.best_epoch, self.best_step = epoch + 1, self.global_step
+                    self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                # `last` first: it records this best, and a resume rewrites `best` from it if a kill came between.
+                self.save_last()
+                if improved:
+                    self.save_best()
+                if self.stop_requested:
+                    raise self._interrupted()
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
-        return best_scores
+        return self.best_scores
+
+    # ------------------------------------------------------------------ resumable state (output_dir/last)
+    def save_last(self) -> None:
+        """Write everything needed to continue bit-identically to ``out_dir/last`` (swapped in whole).
+
+        Skipped while non-finite steps are being skipped, so `last` always follows a good update.
+        """
+        if self.bad_in_a_row:
+            return
+        best = None
+        if self.best_state is not None:
+            best = {"score": self.best_score, "epoch": self.best_epoch, "step": self.best_step, "dev": self.best_scores}
+        state = {
+            "global_step": self.global_step, "epochs_done": self.global_step // self.steps_per_epoch,
+            "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, "best": best,
+            "bad_steps": self.bad_steps, "bad_in_a_row": self.bad_in_a_row, "running": self.running,
+            "epoch_examples": self.epoch_examples, "epoch_seconds": self.epoch_seconds,
+        }
+        extra = {"scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+                 "combiner": component_state(self.combiner), "smart": component_state(self.smart)}
+
+        def write(d: Path) -> None:
+            self.model.save(d, self.tokenizer)
+            atomic_save(d / "optimizer.pt", lambda p: torch.save(self.optimizer.state_dict(), p))
+            atomic_save(d / "training_state.pt", lambda p: torch.save(extra, p))
+            atomic_write_text(d / "trainer_state.json", json.dumps(state, indent=2) + "\n")
+
+        replace_dir(self.out_dir / "last", write)
+        self.last_saved_step = self.global_step
+
+    def save_best(self) -> None:
+        """Write the best epoch's weights (the model's current ones) to ``out_dir/best``, tagged with its step."""
+        tag = {"epoch": self.best_epoch, "step": self.best_step, "dev": self.best_scores}
+
+        def write(d: Path) -> None:
+            self.model.save(d, self.tokenizer)
+            atomic_write_text(d / "best.json", json.dumps(tag, indent=2) + "\n")
+
+        replace_dir(self.out_dir / "best", write)
+
+    def restore(self, directory: Path) -> None:
+        """Continue from a `last` checkpoint: weights, optimizer, scheduler, RNGs (set when train() starts, after
+        everything that draws random numbers while building the run), position, best epoch, counters."""
+        try:
+            state = json.loads((directory / "trainer_state.json").read_text(encoding="utf-8"))
+            model_state = _load_safetensors(directory / "model.safetensors", self.device)
+            optim_state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+            extra = torch.load(directory / "training_state.pt", map_location="cpu", weights_only=True)
+        except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
+            raise ValueError(f"--resume: cannot read {directory}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if (state["steps_per_epoch"], state["total_steps"]) != (self.steps_per_epoch, self.total_steps):
+            raise ValueError(f"--resume: {directory} has {state['steps_per_epoch']} steps/epoch and "
+                             f"{state['total_steps']} in all, this run {self.steps_per_epoch} and {self.total_steps}; "
+                             "resume with the same data and flags")
+        self.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(optim_state)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        load_component_state(self.combiner, extra["combiner"])
+        load_component_state(self.smart, extra["smart"])
+        self._rng_to_restore = extra["rng"]
+        self.global_step = self.last_saved_step = state["global_step"]
+        self.bad_steps, self.bad_in_a_row = state["bad_steps"], state["bad_in_a_row"]
+        self.running = {t: list(state["running"].get(t, [])) for t in self.tasks}
+        self.epoch_examples, self.epoch_seconds = state["epoch_examples"], state["epoch_seconds"]
+        best = state["best"]
+        if best is None:
+            return
+        self.best_score, self.best_epoch, self.best_step, self.best_scores = best["score"], best["epoch"], best["step"], best["dev"]
+        best_dir = published_dir(self.out_dir / "best")
+        tag = _read_json(best_dir / "best.json") if best_dir is not None else None
+        if best["step"] == self.global_step:  # the best epoch is the one `last` holds
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            if tag is None or tag.get("step") != best["step"]:  # killed between writing `last` and `best`
+                self.save_best()
+        elif tag is not None and tag.get("step") == best["step"]:
+            self.best_state = _load_safetensors(best_dir / "model.safetensors", self.device)
+        else:
+            raise ValueError(f"--resume: {self.out_dir / 'best'} does not hold the best epoch ({best['epoch']}) "
+                             f"recorded in {directory}; start over with --overwrite_output_dir")
+
+    def _interrupted(self) -> "TrainingInterrupted":
+        return TrainingInterrupted(f"stopped after step {self.global_step}; {self.out_dir / 'last'} holds step "
+                                   f"{self.last_saved_step}: continue with the same flags and --resume")
+
+    def _test_hooks(self) -> None:
+        """Fault injection for tests/test_resume.py: die like a SIGKILLed process at a chosen step (after the
+        step, before any checkpoint of it), or slow steps down so a test can interrupt a run in flight."""
+        if self._kill_at_step == str(self.global_step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self._step_delay:
+            time.sleep(self._step_delay)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: raised after `last` was written."""
+
+
+@contextlib.contextmanager
+def stop_on_sigint(trainer: Trainer):
+    """The first Ctrl-C (SIGINT) asks the trainer to stop after the current step and save `last`; a second one
+    stops at once (KeyboardInterrupt)."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+
+    def handler(signum, frame):
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+        log.warning("interrupted: stopping after this step, once %s is saved (Ctrl-C again to stop at once)",
+                    trainer.out_dir / "last")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def rng_state() -> dict:
+    """Every global random number generator: Python, NumPy, torch CPU and CUDA (plain types and tensors, so
+    the file loads with torch.load(weights_only=True))."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def component_state(obj) -> dict:
+    """The resumable state of a combiner or regularizer: its torch.Generators (e.g. PCGrad's task order) and
+    its ``state_dict()`` if it has one."""
+    if obj is None:
+        return {}
+    out = {"generators": {k: g.get_state() for k, g in vars(obj).items() if isinstance(g, torch.Generator)}}
+    if callable(getattr(obj, "state_dict", None)):
+        out["state"] = obj.state_dict()
+    return out
+
+
+def load_component_state(obj, state: dict) -> None:
+    if obj is None or not state:
+        return
+    for k, g_state in state.get("generators", {}).items():
+        getattr(obj, k).set_state(g_state)
+    if "state" in state:
+        obj.load_state_dict(state["state"])
+
+
+def _load_safetensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{path}: cannot read: {e}") from None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 class NonFiniteError(RuntimeError):
@@ -251,27 +513,79 @@ class NonFiniteError(RuntimeError):
 
 
 def save_checkpoint(model: MultitaskBert, directory: Path, tokenizer) -> None:
-    """Write a checkpoint directory beside the old one, then swap, so a crash never leaves a half-written best."""
-    partial = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save(partial, tokenizer)
-    old = directory.with_name(directory.name + ".old")
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(partial, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    """Write a checkpoint directory beside the old one, then swap, so a crash never leaves a half-written one."""
+    replace_dir(directory, lambda d: model.save(d, tokenizer))
+
+
+# What a run writes in --output_dir (--overwrite_output_dir removes these, and nothing else, before starting).
+RUN_OUTPUTS = ("args.json", "metrics.jsonl", "results.json", "last", "best", "predictions", "tensorboard")
+# Flags that may differ between a run and its --resume (they do not change the trained weights).
+RESUME_MAY_CHANGE = {"resume", "overwrite_output_dir", "output_dir", "save_steps", "logging_steps", "device",
+                     "per_device_eval_batch_size", "max_bad_steps", "report_to", "config"}
+
+
+def check_output_dir(args: Namespace) -> Path | None:
+    """Apply the --output_dir rules before any work is done; return the `last` checkpoint to resume from.
+
+    A finished run (results.json) or an unfinished one (args.json, metrics.jsonl or last/ but no results) is
+    refused unless --overwrite_output_dir (start over) or --resume (continue; a run killed before its first
+    checkpoint starts from step 0, which is the same thing) is given.
+    """
+    out = Path(args.output_dir)
+    last = published_dir(out / "last")
+    if getattr(args, "resume", False):
+        if last is None and ((out / "results.json").is_file() or published_dir(out / "best") is not None):
+            raise ValueError(f"--resume: {out} has no last/ checkpoint to continue from (deleted?); pass "
+                             "--overwrite_output_dir to start over")
+        if last is not None or (out / "args.json").is_file():
+            _check_same_settings(args, out / "args.json")
+        return last
+    if args.overwrite_output_dir:
+        return None
+    if (out / "results.json").is_file():
+        raise ValueError(f"--output_dir {out} holds a finished run; pass --overwrite_output_dir to replace it")
+    if last is not None or (out / "args.json").exists() or (out / "metrics.jsonl").exists():
+        raise ValueError(f"--output_dir {out} holds an unfinished run; pass --resume to continue it or "
+                         "--overwrite_output_dir to start over")
+    return None
+
+
+def _check_same_settings(args: Namespace, saved_args: Path) -> None:
+    saved = _read_json(saved_args)
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume: cannot read {saved_args}; start over with --overwrite_output_dir")
+    now = json.loads(json.dumps(vars(args), default=str))
+    # Flags absent from the saved file came with a newer minbert; their defaults cannot have been used.
+    diffs = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    if diffs:
+        shown = ", ".join(f"--{k} {saved[k]} (now {now[k]})" for k in diffs[:3])
+        raise ValueError(f"--resume: {saved_args} was written with other settings: {shown}; resume with the same flags")
 
 
 def prepare_output_dir(args: Namespace) -> Path:
+    """Create --output_dir (after :func:`check_output_dir`); clear what killed writers left behind, and on
+    --overwrite_output_dir the previous run's outputs."""
     out = Path(args.output_dir)
-    if (out / "results.json").exists() and not args.overwrite_output_dir:
-        raise ValueError(f"--output_dir {out} holds a finished run; pass --overwrite_output_dir to replace it")
+    check_output_dir(args)
     out.mkdir(parents=True, exist_ok=True)
+    if args.overwrite_output_dir and not getattr(args, "resume", False):
+        keep = Path(args.checkpoint).resolve() if getattr(args, "checkpoint", None) else None  # --predict_only's
+        for name in RUN_OUTPUTS:
+            for path in (out / name, out / f"{name}.old", out / f"{name}.partial"):
+                if keep is not None and (path.resolve() == keep or path.resolve() in keep.parents):
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+    for directory in (out, out / "predictions"):
+        remove_stale_temps(directory)
     return out
 
 
 def run(args: Namespace) -> dict[str, float]:
     """The main job: train (unless --predict_only), write checkpoints, predictions and scores."""
+    resume_from = check_output_dir(args)  # a taken --output_dir is refused before any work
     set_seed(args.seed)
     device = resolve_device(args.device)
     source = args.checkpoint if args.predict_only else args.model_name_or_path
@@ -290,14 +604,22 @@ def run(args: Namespace) -> dict[str, float]:
 
     t_start = time.perf_counter()
     tensors = {key: tensorize(d, tokenizer) for key, d in data.items()}
+    trainer = None
+    if not args.predict_only:  # built before the output dir exists: an optimizer that cannot fit leaves nothing behind
+        train = {t: tensors[(t, "train")] for t in args.tasks}
+        dev = {t: tensors[(t, "dev")] for t in args.tasks}
+        trainer = Trainer(args, model, train, dev, device, tokenizer, Path(args.output_dir), metrics=None)
     out = prepare_output_dir(args)
-    atomic_write_text(out / "args.json", json.dumps(vars(args), indent=2, default=str) + "\n")
-    metrics = MetricsLog(out / "metrics.jsonl")
+    if resume_from is None:  # a resumed run keeps the args.json it was checked against
+        atomic_write_text(out / "args.json", json.dumps(vars(args), indent=2, default=str) + "\n")
+    metrics = MetricsLog(out / "metrics.jsonl", report_to=getattr(args, "report_to", "none"))
     try:
-        if not args.predict_only:
-            train = {t: tensors[(t, "train")] for t in args.tasks}
-            dev = {t: tensors[(t, "dev")] for t in args.tasks}
-            trainer = Trainer(args, model, train, dev, device, tokenizer, out, metrics)
+        if trainer is not None:
+            trainer.metrics = metrics
+            if resume_from is not None:
+                trainer.restore(resume_from)
+                metrics.write(resumed_from_step=trainer.global_step, epoch=trainer.global_step // trainer.steps_per_epoch)
+                log.info("resuming from %s: step %d of %d", resume_from, trainer.global_step, trainer.total_steps)
             log.info("training %s on %s: %d steps/epoch x %d epochs, combiner %s, optimizer %s",
                      args.model_name_or_path, ",".join(args.tasks), trainer.steps_per_epoch, args.num_train_epochs,
                      args.combiner, args.optim)

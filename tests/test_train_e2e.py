@@ -1,0 +1,71 @@
+"""A tiny end-to-end run through the command line: six CSVs, checkpoint, metrics, determinism, predict-only."""
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from minbert.cli import train_main
+from minbert.predict import score_prediction_dir
+
+from .conftest import ROOT
+
+SIX = ["sst-dev-output.csv", "sst-test-output.csv", "para-dev-output.csv", "para-test-output.csv",
+       "sts-dev-output.csv", "sts-test-output.csv"]
+
+
+def tiny_args(data_dir, out, *extra):
+    return ["--model_name_or_path", "bert-tiny", "--data_dir", str(data_dir), "--output_dir", str(out),
+            "--max_train_samples", "32", "--per_device_train_batch_size", "8", "--num_train_epochs", "2",
+            "--max_seq_length", "32", "--seed", "7", *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(small_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert train_main(tiny_args(small_data, out)) == 0
+    return out
+
+
+def test_run_writes_six_csvs_checkpoint_and_metrics(tiny_run, small_data):
+    assert sorted(p.name for p in (tiny_run / "predictions").iterdir()) == sorted(SIX)
+    for name in ("model.safetensors", "config.json", "multitask.json", "tokenizer.json"):
+        assert (tiny_run / "best" / name).is_file()
+    records = [json.loads(l) for l in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_sst" in r and "lr" in r for r in records)
+    assert sum("dev" in r and "epoch" in r and not r.get("final") for r in records) == 2  # one per epoch
+    assert json.loads((tiny_run / "args.json").read_text())["seed"] == 7
+    results = json.loads((tiny_run / "results.json").read_text())
+    scored = score_prediction_dir(tiny_run / "predictions", small_data)
+    assert scored["dev"]["overall"] == pytest.approx(results["dev"]["overall"], abs=1e-3)
+
+
+def test_same_seed_same_result(tiny_run, small_data, tmp_path):
+    assert train_main(tiny_args(small_data, tmp_path)) == 0
+    a, b = load_file(tiny_run / "best" / "model.safetensors"), load_file(tmp_path / "best" / "model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)
+    for name in SIX:
+        assert (tiny_run / "predictions" / name).read_text() == (tmp_path / "predictions" / name).read_text()
+
+
+def test_predict_only_from_checkpoint(tiny_run, small_data, tmp_path):
+    args = ["--predict_only", "--checkpoint", str(tiny_run / "best"), "--data_dir", str(small_data),
+            "--output_dir", str(tmp_path)]
+    assert train_main(args) == 0
+    for name in SIX:
+        assert (tmp_path / "predictions" / name).read_text() == (tiny_run / "predictions" / name).read_text()
+
+
+def test_single_task_and_max_eval_samples(small_data, tmp_path):
+    assert train_main(tiny_args(small_data, tmp_path, "--tasks", "sts", "--max_eval_samples", "10",
+                                "--num_train_epochs", "1")) == 0
+    files = sorted(p.name for p in (tmp_path / "predictions").iterdir())
+    assert files == ["sts-dev-output.csv", "sts-test-output.csv"]
+    assert len((tmp_path / "predictions" / "sts-test-output.csv").read_text().splitlines()) == 11
+
+
+def test_finished_output_dir_is_refused(tiny_run, small_data):
+    r = subprocess.run([sys.executable, str(ROOT / "train_multitask.py"), *tiny_args(small_data, tiny_run)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and "holds a finished run" in r.stderr and "Traceback" not in r.stderr
