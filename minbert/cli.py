@@ -75,9 +75,10 @@ def train_parser() -> argparse.ArgumentParser:
                    help=f"a preset ({', '.join(PRESETS)}; only minilm-l6 has pretrained weights) or a Hugging Face "
                         "model directory (config.json + model.safetensors or pytorch_model.bin + vocab)")
     g.add_argument("--pooling", choices=POOLINGS, default="mean", help="sentence embedding for every task")
-    g.add_argument("--sts_head", default="cosine_2d1", choices=list(STS_HEADS),
+    g.add_argument("--sts_head", default="cosine_regression", choices=list(STS_HEADS),
                    help="STS head: linear on [u; v] (the report's baseline), cosine_embedding (CosineEmbeddingLoss, "
-                        "no layer), cosine (d->d linear, 5*sigmoid(20*cos)), cosine_2d1 (linear on [u; v; cos]); "
+                        "no layer), cosine (d->d linear, 5*sigmoid(20*cos)), cosine_2d1 (linear on [u; v; cos]), "
+                        "cosine_regression (5*cos, SBERT's regression objective); "
                         "see docs/multitask.md")
     g.add_argument("--para_head", choices=("uv", "sbert"), default="sbert",
                    help="paraphrase head features: uv = linear on [u; v] (the report's baseline), "
@@ -99,7 +100,10 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--per_device_eval_batch_size", type=_positive_int, default=128,
                    help="examples per batch when predicting dev and test")
     g.add_argument("--learning_rate", type=_nonneg_float, default=1e-4,
-                   help="peak learning rate: linear warmup to it, then linear decay to 0")
+                   help="peak learning rate of the encoder: linear warmup to it, then linear decay to 0")
+    g.add_argument("--head_learning_rate", type=_nonneg_float, default=1e-3,
+                   help="peak learning rate of the task heads (same schedule): freshly initialized layers on top "
+                        "of a pretrained encoder need larger steps, e.g. to learn the scale of the cosine feature")
     g.add_argument("--num_train_epochs", type=_positive_int, default=3,
                    help="epochs; dev scores after each, the best epoch is kept")
     g.add_argument("--max_steps_per_epoch", type=_positive_int, default=None, help="cap the steps of an epoch (quick runs)")

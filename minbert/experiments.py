@@ -19,11 +19,11 @@ Profiles (the settings common to every row; the rows add their own flags):
   encoder is the embedded all-MiniLM-L6-v2 (d = 384), the only pretrained encoder here; the report fine-tuned
   BERT-base (d = 768). Schedule, weight decay and dropout are this package's defaults (the report does not state
   them). Meant for a GPU.
-* ``quick``: the same rows on a 2-core CPU in under an hour (estimated 45 minutes uncontended, see
-  docs/multitask.md): minilm-l6, batch 32, learning rate 1e-4, 2 epochs of 20 steps (``--max_steps_per_epoch 20``;
-  60 for the 3x rows), drawn from all the training data (no ``--max_train_samples``: at 20 to 60 steps an epoch
-  no task is cycled, every batch is new), dev and test cut to their first 400 rows per task
-  (``--max_eval_samples 400``; the scores are on those dev rows).
+* ``quick``: the same rows on a 2-core CPU in under an hour (estimated 46 minutes on an otherwise idle machine,
+  see docs/multitask.md): minilm-l6, batch 32, learning rate 1e-4, 2 epochs of 15 steps
+  (``--max_steps_per_epoch 15``; 45 for the 3x rows), drawn from all the training data (no
+  ``--max_train_samples``: at 15 to 45 steps an epoch no task is cycled, every batch is new), dev and test cut
+  to their first 400 rows per task (``--max_eval_samples 400``; the scores are on those dev rows).
 * ``smoke``: bert-tiny (random weights) on 16 training and 8 dev/test rows per task, 1 epoch of 1 step (3 for the
   3x rows): checks that every row runs, in well under a minute. Its scores mean nothing.
 """
@@ -43,7 +43,7 @@ from .metrics import overall_score
 
 log = logging.getLogger("minbert")
 
-QUICK_STEPS = 20
+QUICK_STEPS = 15
 QUICK_EVAL = 400
 
 # Flags shared by every row: the report's architecture (pooler output of [CLS], a linear layer on [u; v] for
@@ -51,9 +51,12 @@ QUICK_EVAL = 400
 COMMON = ("--pooling", "cls", "--para_head", "uv", "--sts_head", "linear")
 
 PROFILES: dict[str, tuple[str, ...]] = {
-    "full": ("--model_name_or_path", "minilm-l6", "--learning_rate", "1e-5", "--num_train_epochs", "10",
+    # The report uses one learning rate for the encoder and the heads.
+    "full": ("--model_name_or_path", "minilm-l6", "--learning_rate", "1e-5", "--head_learning_rate", "1e-5",
+             "--num_train_epochs", "10",
              "--per_device_train_batch_size", "8", "--skip_bad_rows"),
-    "quick": ("--model_name_or_path", "minilm-l6", "--learning_rate", "1e-4", "--num_train_epochs", "2",
+    "quick": ("--model_name_or_path", "minilm-l6", "--learning_rate", "1e-4", "--head_learning_rate", "1e-4",
+              "--num_train_epochs", "2",
               "--per_device_train_batch_size", "32", "--max_eval_samples", str(QUICK_EVAL), "--skip_bad_rows"),
     "smoke": ("--model_name_or_path", "bert-tiny", "--num_train_epochs", "1", "--per_device_train_batch_size", "8",
               "--max_train_samples", "16", "--max_eval_samples", "8", "--per_device_eval_batch_size", "8",
@@ -212,7 +215,8 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("experiment", choices=["paper"], help="paper: every row of the report's dev table (section 5.4)")
     p.add_argument("--profile", choices=list(PROFILES), default="quick",
-                   help="full: the report's protocol (GPU); quick: about an hour on a 2-core CPU; smoke: seconds")
+                   help="full: the report's protocol (GPU); quick: under an hour on a 2-core CPU; "
+                        "smoke: under a minute")
     p.add_argument("--output_dir", default=None, help="default: runs/paper-PROFILE; one subdirectory per row")
     p.add_argument("--data_dir", default="data", help="folder holding the CS224N task files")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")

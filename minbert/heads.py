@@ -144,11 +144,32 @@ class Cosine2d1Head(nn.Module):
         return score.clamp(0.0, 5.0)
 
 
+class CosineRegressionHead(nn.Module):
+    """SBERT's regression objective (Reimers & Gurevych 2019, §3): the score is 5 * cos(u, v), trained with MSE
+    against the 0..5 similarity; no extra layer, so the pretrained geometry of a sentence encoder is used from the
+    first step (a linear layer on [u; v; cos] must first learn to scale the one cos feature). Predictions clipped
+    to 0..5."""
+    kind = "score"
+
+    def __init__(self, hidden: int, dropout: float = 0.1):
+        super().__init__()
+
+    def forward(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return 5.0 * F.cosine_similarity(u, v, dim=-1)
+
+    def loss(self, score: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(score, labels.to(score.dtype))
+
+    def predict(self, score: torch.Tensor) -> torch.Tensor:
+        return score.clamp(0.0, 5.0)
+
+
 STS_HEADS: dict[str, type[nn.Module]] = {
     "linear": STSHead,
     "cosine_embedding": CosineEmbeddingHead,
     "cosine": CosineHead,
     "cosine_2d1": Cosine2d1Head,
+    "cosine_regression": CosineRegressionHead,
 }
 
 

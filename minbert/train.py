@@ -160,14 +160,20 @@ def write_all_predictions(model, tensors: dict[tuple[str, str], TaskTensors], ou
     return scores
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases and LayerNorm weights (BERT's convention)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: MultitaskBert, weight_decay: float, head_lr: float | None = None) -> list[dict]:
+    """No weight decay on biases and LayerNorm weights (BERT's convention); the heads get ``head_lr``."""
+    head_ids = {id(p) for p in model.heads.parameters()}
+    groups: dict[tuple[bool, bool], list] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault((id(p) in head_ids, p.ndim < 2), []).append(p)
+    out = []
+    for (is_head, no_decay), params in sorted(groups.items()):
+        group = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay}
+        if is_head and head_lr is not None:
+            group["lr"] = head_lr
+        out.append(group)
+    return out
 
 
 def build_optimizer(args: Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -177,7 +183,8 @@ def build_optimizer(args: Namespace, model: torch.nn.Module) -> torch.optim.Opti
     if args.optim == "adamw":
         # The fused kernel is one pass over each tensor: ~50x faster than the default per-tensor loop on CPU.
         options.setdefault("fused", True)
-    return build_named(args.optim, param_groups(model, args.weight_decay), args.learning_rate, args.weight_decay, options)
+    groups = param_groups(model, args.weight_decay, args.head_learning_rate)
+    return build_named(args.optim, groups, args.learning_rate, args.weight_decay, options)
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):

@@ -1,7 +1,6 @@
 """`python -m minbert.experiments paper`: every row of the report's dev table runs through the training path
 (smoke profile: bert-tiny on tiny slices), results are tabulated beside the report's, finished rows are reused."""
 import json
-import time
 
 import pytest
 import torch
@@ -26,11 +25,8 @@ def _args(out) -> dict[str, dict]:
 @pytest.mark.slow
 def test_smoke_profile_runs_the_whole_table(small_data, tmp_path, capsys, one_thread):
     out = tmp_path / "paper"
-    t0 = time.perf_counter()
     code = main(["paper", "--profile", "smoke", "--data_dir", str(small_data), "--output_dir", str(out)])
-    elapsed = time.perf_counter() - t0
     assert code == 0
-    assert elapsed < 120  # about 40 s on a busy 2-core CPU
 
     results = json.loads((out / "results.json").read_text())
     assert results["profile"] == "smoke"

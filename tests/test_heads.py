@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from minbert.heads import STS_HEADS, Cosine2d1Head, CosineEmbeddingHead, CosineHead, STSHead, build_heads
+from minbert.heads import (STS_HEADS, Cosine2d1Head, CosineEmbeddingHead, CosineHead, CosineRegressionHead, STSHead,
+                           build_heads)
 from minbert.model import BertOutput
 from minbert.pooling import pool
 
@@ -20,7 +21,7 @@ V = t([0.0, 1.0], [1.0, 1.0])
 
 
 def test_registry_and_builder():
-    assert set(STS_HEADS) == {"linear", "cosine_embedding", "cosine", "cosine_2d1"}
+    assert set(STS_HEADS) == {"linear", "cosine_embedding", "cosine", "cosine_2d1", "cosine_regression"}
     for name, cls in STS_HEADS.items():
         heads = build_heads(8, ["sts"], sts_head=name)
         assert isinstance(heads["sts"], cls) and heads["sts"].kind == "score"
@@ -74,6 +75,16 @@ def test_cosine_2d1_head():
     with torch.no_grad():
         head.regressor.weight[0, 0] = 1.0
     torch.testing.assert_close(head(U, V), t(2.0, 4.0))
+
+
+def test_cosine_regression_head_is_five_times_cosine():
+    head = CosineRegressionHead(2)
+    assert not list(head.parameters())
+    u, v = t([1.0, 0.0], [1.0, 1.0], [1.0, 0.0]), t([2.0, 0.0], [1.0, 0.0], [-1.0, 0.0])
+    score = head(u, v)
+    torch.testing.assert_close(score, t(5.0, 5.0 / math.sqrt(2.0), -5.0))
+    assert head.loss(score[:1], t(4.0)).item() == pytest.approx(1.0)
+    torch.testing.assert_close(head.predict(score), t(5.0, 5.0 / math.sqrt(2.0), 0.0))
 
 
 def test_dropout_is_applied_in_training_mode_only():

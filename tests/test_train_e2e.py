@@ -69,3 +69,20 @@ def test_finished_output_dir_is_refused(tiny_run, small_data):
     r = subprocess.run([sys.executable, str(ROOT / "train_multitask.py"), *tiny_args(small_data, tiny_run)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and "holds a finished run" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_heads_get_their_own_learning_rate_and_no_decay_on_vectors():
+    from minbert.cli import train_parser
+    from minbert.train import build_model, build_optimizer
+
+    args = train_parser().parse_args(["--model_name_or_path", "bert-tiny", "--learning_rate", "2e-5",
+                                      "--head_learning_rate", "3e-3", "--weight_decay", "0.1"])
+    model = build_model(args)
+    opt = build_optimizer(args, model)
+    head_ids = {id(p) for p in model.heads.parameters()}
+    for group in opt.param_groups:
+        is_head = {id(p) in head_ids for p in group["params"]}
+        assert len(is_head) == 1  # a group holds heads only or encoder only
+        assert group["lr"] == (3e-3 if is_head.pop() else 2e-5)
+        assert group["weight_decay"] == (0.0 if all(p.ndim < 2 for p in group["params"]) else 0.1)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
