@@ -60,9 +60,19 @@ class ParaphraseHead(nn.Module):
 PAIR_FEATURES = {"uv": 2, "sbert": 4}  # name -> number of d-sized blocks
 
 
-class STSHead(nn.Module):
-    """Similarity: linear on [u; v] -> score, MSE; predictions clipped to the 0-5 scale."""
+class ScoreRegressionHead(nn.Module):
+    """Shared by the STS heads that regress the 0..5 score directly: MSE loss, predictions clipped to 0..5."""
     kind = "score"
+
+    def loss(self, score: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(score, labels.to(score.dtype))
+
+    def predict(self, score: torch.Tensor) -> torch.Tensor:
+        return score.clamp(0.0, 5.0)
+
+
+class STSHead(ScoreRegressionHead):
+    """Similarity: linear on [u; v] -> score, MSE; predictions clipped to the 0-5 scale."""
 
     def __init__(self, hidden: int, dropout: float = 0.1):
         super().__init__()
@@ -71,12 +81,6 @@ class STSHead(nn.Module):
 
     def forward(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.regressor(self.dropout(torch.cat([u, v], dim=-1))).squeeze(-1)
-
-    def loss(self, score: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(score, labels.float())
-
-    def predict(self, score: torch.Tensor) -> torch.Tensor:
-        return score.clamp(0.0, 5.0)
 
 
 class CosineEmbeddingHead(nn.Module):
@@ -101,11 +105,10 @@ class CosineEmbeddingHead(nn.Module):
         return ((F.cosine_similarity(uv[:, 0], uv[:, 1], dim=-1) + 1) * 2.5).clamp(0.0, 5.0)  # rounding
 
 
-class CosineHead(nn.Module):
+class CosineHead(ScoreRegressionHead):
     """The report's §5.3.3 2bi ("d features"): one d -> d linear layer applied to each embedding, then
     5 * sigmoid(20 * cos(u', v')) as the 0..5 score, MSE. (No dropout in the report's head; the constructor
     takes ``dropout`` for a uniform signature.)"""
-    kind = "score"
 
     def __init__(self, hidden: int, dropout: float = 0.1, scale: float = 20.0):
         super().__init__()
@@ -116,17 +119,10 @@ class CosineHead(nn.Module):
         cos = F.cosine_similarity(self.proj(u), self.proj(v), dim=-1)
         return 5.0 * torch.sigmoid(self.scale * cos)
 
-    def loss(self, score: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(score, labels.to(score.dtype))
 
-    def predict(self, score: torch.Tensor) -> torch.Tensor:
-        return score  # already in (0, 5)
-
-
-class Cosine2d1Head(nn.Module):
+class Cosine2d1Head(ScoreRegressionHead):
     """The report's §5.3.3 2bii ("2d + 1 features"): [u; v; cos(u, v)], dropout, linear (2d + 1 -> 1), MSE;
     predictions clipped to 0..5."""
-    kind = "score"
 
     def __init__(self, hidden: int, dropout: float = 0.1):
         super().__init__()
@@ -137,31 +133,18 @@ class Cosine2d1Head(nn.Module):
         cos = F.cosine_similarity(u, v, dim=-1).unsqueeze(-1)
         return self.regressor(self.dropout(torch.cat([u, v, cos], dim=-1))).squeeze(-1)
 
-    def loss(self, score: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(score, labels.to(score.dtype))
 
-    def predict(self, score: torch.Tensor) -> torch.Tensor:
-        return score.clamp(0.0, 5.0)
-
-
-class CosineRegressionHead(nn.Module):
+class CosineRegressionHead(ScoreRegressionHead):
     """SBERT's regression objective (Reimers & Gurevych 2019, §3): the score is 5 * cos(u, v), trained with MSE
     against the 0..5 similarity; no extra layer, so the pretrained geometry of a sentence encoder is used from the
     first step (a linear layer on [u; v; cos] must first learn to scale the one cos feature). Predictions clipped
     to 0..5."""
-    kind = "score"
 
     def __init__(self, hidden: int, dropout: float = 0.1):
         super().__init__()
 
     def forward(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return 5.0 * F.cosine_similarity(u, v, dim=-1)
-
-    def loss(self, score: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(score, labels.to(score.dtype))
-
-    def predict(self, score: torch.Tensor) -> torch.Tensor:
-        return score.clamp(0.0, 5.0)
 
 
 STS_HEADS: dict[str, type[nn.Module]] = {
