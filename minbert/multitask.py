@@ -77,8 +77,6 @@ class MultitaskBert(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "MultitaskBert":
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         for name in ("model.safetensors", "config.json", "multitask.json"):
             if not (directory / name).is_file():
@@ -89,11 +87,18 @@ class MultitaskBert(nn.Module):
         except (TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"{directory / 'multitask.json'}: invalid: {e}") from None
         model = cls(BertModel(encoder_config), mt_config)
-        try:
-            state = load_file(str(directory / "model.safetensors"), device=str(map_location))
-        except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"{directory / 'model.safetensors'}: cannot read: {e}") from None
+        state = load_weights(directory / "model.safetensors", map_location)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{directory}: checkpoint does not match its config (missing {missing}, unexpected {unexpected})")
         return model
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors state dict; an unreadable file is a one-line ValueError naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{path}: cannot read: {e}") from None

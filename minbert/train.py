@@ -30,7 +30,7 @@ from .data import SPLITS, TASKS, TaskData, TaskStream, TaskTensors, load_task, t
 from .io import AppendLog, atomic_save, atomic_write_text, published_dir, remove_stale_temps, replace_dir
 from .metrics import overall_score, task_score
 from .model import BertModel
-from .multitask import MultitaskBert, MultitaskConfig
+from .multitask import MultitaskBert, MultitaskConfig, load_weights
 from .predict import predict_task, prediction_path, write_predictions
 from .tokenizer import load_tokenizer, pad_token_id
 
@@ -383,7 +383,7 @@ class Trainer:
         everything that draws random numbers while building the run), position, best epoch, counters."""
         try:
             state = json.loads((directory / "trainer_state.json").read_text(encoding="utf-8"))
-            model_state = _load_safetensors(directory / "model.safetensors", self.device)
+            model_state = load_weights(directory / "model.safetensors", self.device)
             optim_state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
             extra = torch.load(directory / "training_state.pt", map_location="cpu", weights_only=True)
         except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
@@ -413,7 +413,7 @@ class Trainer:
             if tag is None or tag.get("step") != best["step"]:  # killed between writing `last` and `best`
                 self.save_best()
         elif tag is not None and tag.get("step") == best["step"]:
-            self.best_state = _load_safetensors(best_dir / "model.safetensors", self.device)
+            self.best_state = load_weights(best_dir / "model.safetensors", self.device)
         else:
             raise ValueError(f"--resume: {self.out_dir / 'best'} does not hold the best epoch ({best['epoch']}) "
                              f"recorded in {directory}; start over with --overwrite_output_dir")
@@ -497,15 +497,6 @@ def load_component_state(obj, state: dict) -> None:
         getattr(obj, k).set_state(g_state)
     if "state" in state:
         obj.load_state_dict(state["state"])
-
-
-def _load_safetensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device=str(device))
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{path}: cannot read: {e}") from None
 
 
 def _read_json(path: Path):

@@ -35,3 +35,14 @@ def data_copy(tmp_path, small_data) -> Path:
     d = tmp_path / "data"
     shutil.copytree(small_data, d)
     return d
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and much faster on a CPU shared with other jobs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,19 +3,9 @@
 import json
 
 import pytest
-import torch
 
 from minbert import experiments
 from minbert.experiments import PROFILES, ROWS, main, row_argv
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster on one thread, and much faster on a CPU shared with other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _args(out) -> dict[str, dict]:

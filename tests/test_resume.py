@@ -186,14 +186,6 @@ def test_resume_flag_conflicts(capsys, tmp_path):
         "error: --resume cannot be combined with --overwrite_output_dir")
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_non_finite_steps_stop_with_one_line_and_keep_last_good_checkpoint(small_data, tmp_path, monkeypatch, capsys,
                                                                           one_thread):
     """A loss that turns NaN from step 3 on: steps are skipped and counted; the run stops with one line after
