@@ -5,6 +5,11 @@ single training loop in ``minbert.train`` (torchjd / LibMTL style: no copy of th
 The loop hands it a :class:`StepContext`: a closure computing a task's loss on this step's batch (SMART
 included when enabled) and a closure applying one optimizer update (clipping and the non-finite guard
 included). The combiner decides which losses to back-propagate and when to step.
+
+Under torchrun (minbert.distributed) ``optimizer_step`` first averages the gradients over the ranks, so a combiner
+that only back-propagates and steps needs nothing more. One that works on a task's gradient itself (PCGrad)
+calls ``ctx.sync_grads(params)`` right after that task's backward, so it projects the gradient of the global
+batch, the same on every rank.
 """
 from __future__ import annotations
 
@@ -22,6 +27,9 @@ class StepContext:
     optimizer_step: Callable[[], bool]  # clip, skip if non-finite, step, zero grads; False if skipped
     shared_params: list[nn.Parameter]  # the encoder's parameters (PCGrad projects these)
     model: nn.Module
+    # Average these parameters' .grad over the ranks now (torchrun); the optimizer_step that follows leaves them
+    # alone, so no further backward may add to them before it. A no-op in one process.
+    sync_grads: Callable[[list[nn.Parameter]], None] = lambda params: None
 
 
 class Combiner:
@@ -126,6 +134,7 @@ def projected_shared_grad(ctx: StepContext, generator: torch.Generator, scale: f
         loss.backward()  # head grads land in .grad; the encoder's are taken out below
         losses[task] = loss.item()
         del loss
+        ctx.sync_grads(ctx.shared_params)  # torchrun: the surgery works on the global batch's task gradients
         flat_grads.append(_pop_flat_grad(ctx.shared_params, used))
     shared = pcgrad(flat_grads, generator)
     del flat_grads

@@ -20,7 +20,7 @@ SPLITS = ("train", "dev", "test")
 
 @dataclass(frozen=True)
 class TaskSpec:
-    name: str  # sst | qqp | sts
+    name: str  # sst | qqp | sts | sst2
     files: dict[str, str]  # split -> file name
     text_columns: tuple[str, ...]
     label_column: str
@@ -29,6 +29,9 @@ class TaskSpec:
     score_range: tuple[float, float] = (0.0, 0.0)
     output_prefix: str = ""  # prediction file prefix (CS224N leaderboard names)
     prediction_header: str = ""
+    # Derived tasks: the file's label -> this task's label, None = not part of the task (e.g. SST-2 leaves out the
+    # neutral class). Such rows are dropped by definition and counted in TaskData.dropped, not treated as bad rows.
+    label_map: tuple[int | None, ...] | None = None
 
     @property
     def is_pair(self) -> bool:
@@ -53,7 +56,17 @@ TASKS: dict[str, TaskSpec] = {
         ("sentence1", "sentence2"), "similarity", "score", score_range=(0.0, 5.0), output_prefix="sts",
         prediction_header="Predicted_Similiary",  # sic: the course's spelling
     ),
+    # GLUE's SST-2 built from the SST files: classes 0-1 negative, 3-4 positive, neutral (2) dropped. The dev split
+    # keeps 872 sentences, exactly GLUE's SST-2 dev set. The unlabeled test file is predicted whole.
+    "sst2": TaskSpec(
+        "sst2",
+        {"train": "ids-sst-train.csv", "dev": "ids-sst-dev.csv", "test": "ids-sst-test-student.csv"},
+        ("sentence",), "sentiment", "class", num_labels=2, output_prefix="sst2",
+        prediction_header="Predicted_Sentiment", label_map=(0, 0, None, 1, 1),
+    ),
 }
+# The CS224N multitask benchmark: what --tasks means when not given.
+DEFAULT_TASKS = ("sst", "qqp", "sts")
 
 
 class DataError(ValueError):
@@ -80,6 +93,7 @@ class TaskData:
     path: Path
     examples: list[Example]
     skipped: list[str] = field(default_factory=list)  # "file:line: problem" of each skipped row
+    dropped: int = 0  # rows outside a derived task by definition (TaskSpec.label_map), e.g. SST-2's neutral rows
 
     @property
     def has_labels(self) -> bool:
@@ -141,8 +155,9 @@ def _parse_label(spec: TaskSpec, value: str) -> float | int:
     if not math.isfinite(x):
         raise ValueError(f"label {shorten(value)} is not finite")
     if spec.label_kind == "class":
-        if x != int(x) or not 0 <= x < spec.num_labels:
-            raise LabelRangeError(f"label {shorten(value)} is out of range (classes 0..{spec.num_labels - 1})")
+        n = len(spec.label_map) if spec.label_map else spec.num_labels  # classes in the file
+        if x != int(x) or not 0 <= x < n:
+            raise LabelRangeError(f"label {shorten(value)} is out of range (classes 0..{n - 1})")
         return int(x)
     lo, hi = spec.score_range
     if not lo <= x <= hi:
@@ -188,7 +203,12 @@ def read_task_file(spec: TaskSpec, path: str | Path, split: str, skip_bad_rows: 
                 raise DataError(f"{path}:{line}: {e} (use --skip_bad_rows to skip such rows)") from None
             data.skipped.append(f"{path}:{line}: {e}")
             continue
-        seen[ex_id] = line
+        seen[ex_id] = line  # a dropped row's id still counts: a duplicate of it is an error
+        if label is not None and spec.label_map is not None:
+            label = spec.label_map[label]
+            if label is None:
+                data.dropped += 1
+                continue
         data.examples.append(Example(ex_id, texts, label, line))
     if not data.examples:
         raise DataError(f"{path}:{len(rows) + 1}: no usable rows")

@@ -161,6 +161,8 @@ def build_heads(hidden: int, tasks: list[str], sts_head: str = "linear", dropout
     heads = nn.ModuleDict()
     if "sst" in tasks:
         heads["sst"] = SSTHead(hidden, dropout=dropout)
+    if "sst2" in tasks:
+        heads["sst2"] = SSTHead(hidden, num_labels=2, dropout=dropout)
     if "qqp" in tasks:
         heads["qqp"] = ParaphraseHead(hidden, dropout=dropout, features=para_head)
     if "sts" in tasks:

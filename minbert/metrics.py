@@ -6,7 +6,7 @@ import math
 import numpy as np
 from scipy.stats import pearsonr
 
-METRIC_NAMES = {"sst": "accuracy", "qqp": "accuracy", "sts": "pearson"}
+METRIC_NAMES = {"sst": "accuracy", "qqp": "accuracy", "sts": "pearson", "sst2": "accuracy"}
 
 
 def accuracy(pred, gold) -> float:

@@ -2,7 +2,9 @@
 
 Numerically equal to ``transformers.BertModel`` on the same weights (tested). Differences are internal only:
 the query/key/value projections of a layer are one fused ``Linear`` (one matmul instead of three), and
-attention runs through ``torch.nn.functional.scaled_dot_product_attention``. Checkpoints in the Hugging Face
+attention runs through ``torch.nn.functional.scaled_dot_product_attention``, and ``encode`` (what the multitask
+model calls) skips padding tokens outside attention when a batch has enough of them (its rows at padding positions
+are then zero; ``forward`` computes every position like transformers). Checkpoints in the Hugging Face
 layout are converted on load (``from_hf_state_dict``) and back on export (``to_hf_state_dict``).
 """
 from __future__ import annotations
@@ -42,6 +44,39 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.norm(x))
 
 
+# Gathering the real tokens and scattering them back around attention costs about 5% of a layer's time on CPU
+# (measured, docs/speed.md): it pays from about this fraction of padding on.
+SKIP_PADDING_FROM = 0.1
+
+
+@dataclass
+class Packing:
+    """Where the real (not padding) tokens of a padded (batch, seq) layout are, flattened to batch * seq rows."""
+    keep: torch.Tensor  # row indices of the real tokens
+    pad: torch.Tensor  # row indices of the padding
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> "Packing":
+        flat = attention_mask.reshape(-1).bool()
+        return cls(flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1))
+
+    @property
+    def rows(self) -> int:
+        """batch * seq"""
+        return self.keep.shape[0] + self.pad.shape[0]
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, d) -> (tokens, d)"""
+        return x.reshape(self.rows, x.shape[-1]).index_select(0, self.keep)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(tokens, d) -> (batch * seq, d) with zero padding rows: as attention keys they are masked out, as
+        queries their outputs are dropped; zero (not left uninitialized) so that 0 x value stays 0."""
+        out = x.new_empty(self.rows, x.shape[-1])
+        out.index_copy_(0, self.keep, x)
+        return out.index_fill_(0, self.pad, 0)
+
+
 class BertLayer(nn.Module):
     """Post-LN transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
 
@@ -63,14 +98,21 @@ class BertLayer(nn.Module):
             "relu": F.relu,
         }[config.hidden_act]
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        b, t, h = x.shape
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None) -> torch.Tensor:
+        """``x``: (batch, seq, hidden); or, with ``packing``, the real tokens only, (tokens, hidden)."""
+        if packing is None:
+            b, t, h = x.shape
+            qkv = self.qkv(x)
+        else:  # back to the padded layout for attention only
+            (b, t), h = (mask.shape[0], mask.shape[-1]), x.shape[-1]
+            qkv = packing.unpack(self.qkv(x))
         # (b, t, 3h) -> 3 x (b, heads, t, head_dim)
-        q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, h // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.view(b, t, 3, self.num_heads, h // self.num_heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
         )
-        a = a.transpose(1, 2).reshape(b, t, h)
+        a = a.transpose(1, 2).reshape(b * t, h)  # a view after SDPA's fused CPU kernel, a copy after its math path
+        a = a.view(b, t, h) if packing is None else a.index_select(0, packing.keep)
         x = self.attn_norm(x + self.dropout(self.attn_out(a)))
         return self.ffn_norm(x + self.dropout(self.ffn_out(self.act(self.ffn_in(x)))))
 
@@ -105,14 +147,27 @@ class BertModel(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         return self.embeddings(input_ids, token_type_ids)
 
-    def encode(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> BertOutput:
-        """Run the transformer layers (and pooler) on embedding-layer output ``x``."""
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+    def encode(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, skip_padding: bool = True) -> BertOutput:
+        """Run the transformer layers (and pooler) on embedding-layer output ``x``.
+
+        With ``skip_padding`` and at least ``SKIP_PADDING_FROM`` of the batch padding, the token-wise work
+        (projections, feed-forward, LayerNorm: nearly all of it) runs on the real tokens only, packed into one
+        (tokens, hidden) matrix; only attention sees the padded layout. Real positions are unchanged; rows of
+        ``last_hidden_state`` at padding positions are then zero (poolings never read them). Length-bucketed
+        batches still carry 3-25% padding (a pair task pads each side to its own longest), see docs/speed.md."""
+        mask = packing = None
+        shape = x.shape
+        real = int(attention_mask.sum()) if attention_mask is not None else x.shape[0] * x.shape[1]
+        if real < x.shape[0] * x.shape[1]:
             # Boolean mask, True = attend; broadcast over heads and query positions.
             mask = attention_mask[:, None, None, :].bool()
+            if skip_padding and real <= (1 - SKIP_PADDING_FROM) * attention_mask.numel():
+                packing = Packing.from_mask(attention_mask)
+                x = packing.pack(x)
         for layer in self.layers:
-            x = layer(x, mask)
+            x = layer(x, mask, packing)
+        if packing is not None:
+            x = packing.unpack(x).view(shape)
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
         return BertOutput(last_hidden_state=x, pooler_output=pooled)
 
@@ -121,8 +176,10 @@ class BertModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        skip_padding: bool = False,
     ) -> BertOutput:
-        return self.encode(self.embed(input_ids, token_type_ids), attention_mask)
+        """transformers.BertModel's computation, every position included (``skip_padding``: see :meth:`encode`)."""
+        return self.encode(self.embed(input_ids, token_type_ids), attention_mask, skip_padding)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, add_pooling_layer: bool = True) -> "BertModel":

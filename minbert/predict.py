@@ -17,16 +17,17 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 @torch.inference_mode()
 def predict_task(model, data: TaskTensors, batch_size: int, device: torch.device, pad_id: int = 0,
-                 desc: str | None = None, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 desc: str | None = None, amp_dtype: torch.dtype | None = None, progress: bool = True) -> torch.Tensor:
     """Predictions (class ids or clipped scores) in the order of ``data``. Batches are sorted by length so
-    padding is minimal; the original order is restored at the end."""
+    padding is minimal; the original order is restored at the end. ``progress=False`` hides the progress bar
+    (ranks other than 0 under torchrun)."""
     was_training = model.training
     model.eval()
     task = data.task.name
     head = model.heads[task]
     out = [None] * len(data)
     batches = sorted_batches(data.lengths(), batch_size)
-    for idx in tqdm(batches, desc=desc or f"predict {task}", leave=False, disable=None):
+    for idx in tqdm(batches, desc=desc or f"predict {task}", leave=False, disable=None if progress else True):
         batch = _to_device(data.batch(idx, pad_id), device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             pred = head.predict(model(task, batch).float()).cpu()

@@ -75,14 +75,21 @@ def adversarial_perturbation(
     epsilon: float = SMART_EPSILON,
     sigma: float = SMART_SIGMA,
     frozen_params: Iterable[nn.Parameter] = (),
+    noise: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
 ) -> list[torch.Tensor]:
     """The perturbations δ (one per sentence tensor in ``embeds``, shape (batch, seq, hidden)) of Algorithm 1:
     δ ← ν ~ N(0, σ²I); then ``steps`` times: g = ∇_δ ℓ_s(f(x + δ), f(x)) with f(x) detached, g̃ = g / ||g||_∞
     (per example, over all its sentences' tokens), δ ← Π_{||δ||_∞ ≤ ε}(δ + η g̃). The initial noise is projected
-    too, so |δ| ≤ ε elementwise even with ``steps=0``. Returned detached."""
+    too, so |δ| ≤ ε elementwise even with ``steps=0``. Returned detached.
+
+    ``noise`` maps ``embeds`` to standard normal tensors of their shapes (default: ``torch.randn_like`` of
+    each); under torchrun each rank draws its rows of the global batch's noise (distributed.batch_noise)."""
     embeds = [e.detach() for e in embeds]
     target = clean_output.detach()
-    deltas = [(torch.randn_like(e) * sigma).clamp_(-epsilon, epsilon) for e in embeds]
+    if noise is None:
+        deltas = [(torch.randn_like(e) * sigma).clamp_(-epsilon, epsilon) for e in embeds]
+    else:
+        deltas = [(nu * sigma).clamp_(-epsilon, epsilon) for nu in noise(embeds)]
     with frozen(frozen_params):
         for _ in range(steps):
             for d in deltas:
@@ -108,11 +115,13 @@ def smart_loss(
     epsilon: float = SMART_EPSILON,
     sigma: float = SMART_SIGMA,
     frozen_params: Iterable[nn.Parameter] = (),
+    noise: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """R_s(θ) for one batch (unweighted): ℓ_s(f(x + δ; θ), f(x; θ)) at the adversarial δ of
     :func:`adversarial_perturbation`. ``forward`` maps embedding-layer outputs to the head's output. Gradients
     flow to θ through both outputs, and to the embedding layer through x; δ itself is a constant."""
-    deltas = adversarial_perturbation(forward, embeds, clean_output, kind, steps, eta, epsilon, sigma, frozen_params)
+    deltas = adversarial_perturbation(forward, embeds, clean_output, kind, steps, eta, epsilon, sigma, frozen_params,
+                                      noise)
     perturbed = forward([e + d for e, d in zip(embeds, deltas)])
     return divergence(perturbed, clean_output, kind)
 
@@ -141,14 +150,16 @@ class SmartRegularizer:
                    bregman_beta=args.bregman_beta)
 
     def __call__(self, model: nn.Module, task: str, embeds: list[torch.Tensor], batch: dict[str, torch.Tensor],
-                 clean_output: torch.Tensor) -> torch.Tensor:
+                 clean_output: torch.Tensor,
+                 noise: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None) -> torch.Tensor:
+        """``noise``: the initial perturbation's source (see :func:`adversarial_perturbation`)."""
         kind = model.heads[task].kind
 
         def forward(xs: list[torch.Tensor]) -> torch.Tensor:
             return model.forward_embedded(task, xs, batch)
 
         reg = self.lam * smart_loss(forward, embeds, clean_output, kind, self.steps, self.eta, self.epsilon,
-                                    self.sigma, frozen_params=model.parameters())
+                                    self.sigma, frozen_params=model.parameters(), noise=noise)
         if self.bregman:
             reg = reg + self.bregman_mu * self.bregman_term(model, task, batch, clean_output)
         return reg

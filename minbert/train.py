@@ -25,13 +25,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .combiners import StepContext, build_combiner
 from .data import SPLITS, TASKS, TaskData, TaskStream, TaskTensors, load_task, tensorize
+from .distributed import predict_task  # under torchrun each rank predicts a share; alone, predict.predict_task
 from .io import AppendLog, atomic_save, atomic_write_text, published_dir, remove_stale_temps, replace_dir
 from .metrics import overall_score, task_score
 from .model import BertModel
 from .multitask import MultitaskBert, MultitaskConfig, load_weights
-from .predict import predict_task, prediction_path, write_predictions
+from .predict import prediction_path, write_predictions
 from .tokenizer import load_tokenizer, pad_token_id
 
 log = logging.getLogger("minbert")
@@ -126,6 +128,9 @@ def load_datasets(args: Namespace, tokenizer, splits: tuple[str, ...]) -> dict[t
     for d in out.values():
         if d.skipped:
             log.warning("%s: skipped %d malformed rows: %s", d.path, len(d.skipped), "; ".join(d.skipped))
+        if d.dropped:
+            log.info("%s: %d rows whose label is not part of %s dropped (by the task's definition), %d kept",
+                     d.path, d.dropped, d.task.name, len(d.examples))
     return out
 
 
@@ -136,10 +141,28 @@ def build_model(args: Namespace) -> MultitaskBert:
     return MultitaskBert(encoder, config)
 
 
+def amp_dtype(args: Namespace) -> torch.dtype | None:
+    """--bf16: bfloat16 autocast for forward passes and losses (weights, gradients and optimizer state stay float32)."""
+    return torch.bfloat16 if getattr(args, "bf16", False) else None
+
+
+def compile_encoder(model: MultitaskBert, device: torch.device) -> None:
+    """--torch_compile: compile every encoder layer in place. ``nn.Module.compile`` keeps the module (and so the
+    checkpoint keys: no ``_orig_mod.`` prefix); dynamic shapes because length-bucketed batches vary in width."""
+    try:  # a backend that cannot build (no C++ compiler, unsupported Python) fails here, in one line
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(2, device=device))
+    except Exception as e:  # torch raises many error types from its compiler stack
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"--torch_compile: torch.compile does not work here ({type(e).__name__}: {first})") from None
+    for layer in model.encoder.layers:
+        layer.compile(dynamic=True)
+
+
 def evaluate(model: MultitaskBert, dev: dict[str, TaskTensors], args: Namespace, device: torch.device, pad_id: int) -> dict[str, float]:
     scores = {}
     for task, data in dev.items():
-        preds = predict_task(model, data, args.per_device_eval_batch_size, device, pad_id, desc=f"dev {task}")
+        preds = predict_task(model, data, args.per_device_eval_batch_size, device, pad_id, desc=f"dev {task}",
+                             amp_dtype=amp_dtype(args))
         scores[task] = task_score(task, preds.numpy(), data.labels.numpy())
     scores["overall"] = overall_score(scores)
     return scores
@@ -151,8 +174,10 @@ def write_all_predictions(model, tensors: dict[tuple[str, str], TaskTensors], ou
     for (task, split), data in tensors.items():
         if split == "train":
             continue
-        preds = predict_task(model, data, args.per_device_eval_batch_size, device, pad_id, desc=f"{split} {task}")
-        write_predictions(prediction_path(out_dir, task, split), TASKS[task], data.ids, preds.tolist())
+        preds = predict_task(model, data, args.per_device_eval_batch_size, device, pad_id, desc=f"{split} {task}",
+                             amp_dtype=amp_dtype(args))
+        if distributed.is_main():  # under torchrun only rank 0 writes
+            write_predictions(prediction_path(out_dir, task, split), TASKS[task], data.ids, preds.tolist())
         if split == "dev" and data.labels is not None:
             scores[task] = task_score(task, preds.numpy(), data.labels.numpy())
     if scores:
@@ -211,7 +236,10 @@ class Trainer:
         self.tokenizer, self.pad_id = tokenizer, pad_token_id(tokenizer)
         self.out_dir, self.metrics = out_dir, metrics
         self.tasks = list(args.tasks)
-        self.streams = {t: TaskStream(train[t], args.per_device_train_batch_size, args.seed, i) for i, t in enumerate(self.tasks)}
+        # Under torchrun the streams yield the global batch (N ranks x the per-device batch), the same on every rank;
+        # each rank trains on its share (train_step), so all ranks run the same steps (docs/distributed.md).
+        global_batch = args.per_device_train_batch_size * distributed.world_size()
+        self.streams = {t: TaskStream(train[t], global_batch, args.seed, i) for i, t in enumerate(self.tasks)}
         self.steps_per_epoch = args.iterations_multiplier * min(s.batches_per_pass for s in self.streams.values())
         if args.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, args.max_steps_per_epoch)
@@ -232,6 +260,8 @@ class Trainer:
         self.running: dict[str, list[float]] = {t: [] for t in self.tasks}  # losses since the last metrics record
         self.epoch_examples, self.epoch_seconds = 0, 0.0
         self.stop_requested = False  # set by Ctrl-C: stop after the current step, once `last` is saved
+        self._stop_agreed = False  # torchrun: a Ctrl-C on any rank, as agreed by all at the end of the last step
+        self._averaged: set[int] = set()  # torchrun: parameters whose .grad a combiner already averaged this step
         self._rng_to_restore: dict | None = None
         self._kill_at_step = os.environ.get("MINBERT_TEST_KILL_AT_STEP")  # test-only fault injection
         self._step_delay = float(os.environ.get("MINBERT_TEST_STEP_DELAY") or 0)  # test-only: slow steps down
@@ -242,7 +272,13 @@ class Trainer:
             self.smart = SmartRegularizer.from_args(args)
 
     def optimizer_step(self) -> bool:
-        """Clip, skip a step whose gradient is not finite (counted), else update; grads are zeroed either way."""
+        """Clip, skip a step whose gradient is not finite (counted), else update; grads are zeroed either way.
+
+        Under torchrun the gradients are first averaged over the ranks: every rank then holds the gradient of the
+        global batch, computes the same norm (so skips the same steps) and makes the same update."""
+        if distributed.world_size() > 1:
+            distributed.all_reduce_grads([p for p in self.params if id(p) not in self._averaged])
+            self._averaged.clear()
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
         ok = bool(torch.isfinite(norm))
@@ -262,20 +298,42 @@ class Trainer:
             )
         return ok
 
+    def sync_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """StepContext.sync_grads: average these gradients over the ranks now (a combiner needs a task's gradient
+        of the global batch, e.g. PCGrad before its projection); optimizer_step then leaves them alone."""
+        if distributed.world_size() > 1:
+            distributed.all_reduce_grads(params)
+            self._averaged.update(id(p) for p in params)
+
     def train_step(self, step: int) -> dict[str, float]:
-        batches = {t: {k: v.to(self.device, non_blocking=True) for k, v in self.streams[t].batch(step, self.pad_id).items()} for t in self.tasks}
+        # Every rank draws the same global batch of each task and keeps its share (all of it in one process).
+        batches, weights, noise = {}, {}, {}
+        for t in self.tasks:
+            data, indices = self.streams[t].data, self.streams[t].indices(step)
+            mine = distributed.shard(indices)
+            batches[t] = {k: v.to(self.device, non_blocking=True) for k, v in data.batch(mine, self.pad_id).items()} if mine else None
+            weights[t] = distributed.loss_weight(len(mine), len(indices))
+            if self.smart is not None and distributed.world_size() > 1:
+                noise[t] = distributed.batch_noise(len(indices), [max(len(c.ids[i]) for i in indices) for c in data.columns])
 
         def task_loss(task: str) -> torch.Tensor:
             batch = batches[task]
-            embeds = self.model.embed_inputs(batch)
-            output = self.model.forward_embedded(task, embeds, batch)
-            loss = self.model.loss(task, output, batch)
-            if self.smart is not None:
-                loss = loss + self.smart(self.model, task, embeds, batch, output)
+            if batch is None:  # torchrun: a last batch smaller than the number of ranks left none for this one
+                return torch.zeros((), device=self.device, requires_grad=True)
+            amp = amp_dtype(self.args)  # --bf16: autocast the forward pass and loss; backward runs outside it
+            with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+                embeds = self.model.embed_inputs(batch)
+                output = self.model.forward_embedded(task, embeds, batch)
+                loss = self.model.loss(task, output, batch).float()
+                if self.smart is not None:
+                    loss = loss + self.smart(self.model, task, embeds, batch, output, noise=noise.get(task))
+            if weights[task] != 1:  # torchrun, uneven shares: averaging the ranks' gradients gives the global mean's
+                loss = loss * weights[task]
             return loss
 
-        ctx = StepContext(self.tasks, task_loss, self.optimizer_step, self.shared_params, self.model)
+        ctx = StepContext(self.tasks, task_loss, self.optimizer_step, self.shared_params, self.model, self.sync_grads)
         losses = self.combiner.step(ctx)
+        losses, self._stop_agreed = distributed.average_losses(losses, self.stop_requested)
         if self.smart is not None:
             self.smart.after_step(self.model)  # Bregman proximal point: move the EMA copy θ̃ toward θ
         self.scheduler.step()
@@ -297,7 +355,7 @@ class Trainer:
                     self.epoch_examples, self.epoch_seconds = 0, 0.0
                 t0 = time.perf_counter() - self.epoch_seconds
                 bar = tqdm(range(first, spe), initial=first, total=spe, desc=f"epoch {epoch + 1}/{args.num_train_epochs}",
-                           disable=None)
+                           disable=None if distributed.is_main() else True)
                 for s in bar:
                     step = epoch * spe + s
                     losses = self.train_step(step)
@@ -315,10 +373,14 @@ class Trainer:
                     self.epoch_seconds = time.perf_counter() - t0
                     self._test_hooks()
                     if s < spe - 1:  # the epoch's last step is saved after its evaluation, below
-                        if self.stop_requested or (args.save_steps and self.global_step % args.save_steps == 0):
+                        if self.should_stop() or (args.save_steps and self.global_step % args.save_steps == 0):
                             self.save_last()
-                        if self.stop_requested:
+                        if self.should_stop():
                             raise self._interrupted()
+                diff = distributed.replica_difference(self.model)
+                if diff:
+                    log.warning("epoch %d: the ranks' parameters differ (fingerprints by up to %.3g); their updates "
+                                "should be identical", epoch + 1, diff)
                 scores = evaluate(self.model, self.dev, args, self.device, self.pad_id)
                 improved = scores["overall"] > self.best_score
                 self.metrics.write(epoch=epoch + 1, step=self.global_step, dev=scores, best=improved,
@@ -333,11 +395,16 @@ class Trainer:
                 self.save_last()
                 if improved:
                     self.save_best()
-                if self.stop_requested:
+                if self.should_stop():
                     raise self._interrupted()
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         return self.best_scores
+
+    def should_stop(self) -> bool:
+        """Ctrl-C seen: in one process at once; under torchrun as all ranks agreed after the last step, so that they
+        save and stop together."""
+        return self.stop_requested if distributed.world_size() == 1 else self._stop_agreed
 
     # ------------------------------------------------------------------ resumable state (output_dir/last)
     def save_last(self) -> None:
@@ -355,9 +422,19 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, "best": best,
             "bad_steps": self.bad_steps, "bad_in_a_row": self.bad_in_a_row, "running": self.running,
             "epoch_examples": self.epoch_examples, "epoch_seconds": self.epoch_seconds,
+            "world_size": distributed.world_size(),
         }
         extra = {"scheduler": self.scheduler.state_dict(), "rng": rng_state(),
                  "combiner": component_state(self.combiner), "smart": component_state(self.smart)}
+        if distributed.world_size() > 1:  # each rank's own random state (dropout), for a bit-identical resume
+            extra["rng_per_rank"] = distributed.all_gather_object(extra["rng"])
+            if callable(getattr(self.optimizer, "consolidate_state_dict", None)):
+                # An optimizer whose state is sharded over the ranks (M-FAC's window, torch's
+                # ZeroRedundancyOptimizer) gathers it on rank 0, whose state_dict() then holds all of it.
+                self.optimizer.consolidate_state_dict(to=0)
+        if not distributed.is_main():  # under torchrun only rank 0 writes; every rank holds the same state
+            self.last_saved_step = self.global_step
+            return
 
         def write(d: Path) -> None:
             self.model.save(d, self.tokenizer)
@@ -370,6 +447,8 @@ class Trainer:
 
     def save_best(self) -> None:
         """Write the best epoch's weights (the model's current ones) to ``out_dir/best``, tagged with its step."""
+        if not distributed.is_main():
+            return
         tag = {"epoch": self.best_epoch, "step": self.best_step, "dev": self.best_scores}
 
         def write(d: Path) -> None:
@@ -388,6 +467,10 @@ class Trainer:
             extra = torch.load(directory / "training_state.pt", map_location="cpu", weights_only=True)
         except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
             raise ValueError(f"--resume: cannot read {directory}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if state.get("world_size", 1) != distributed.world_size():
+            raise ValueError(f"--resume: {directory} was written by a run of {state.get('world_size', 1)} process(es), "
+                             f"this one has {distributed.world_size()}; resume with the same torchrun --nnodes and "
+                             "--nproc_per_node (the global batch depends on them)")
         if (state["steps_per_epoch"], state["total_steps"]) != (self.steps_per_epoch, self.total_steps):
             raise ValueError(f"--resume: {directory} has {state['steps_per_epoch']} steps/epoch and "
                              f"{state['total_steps']} in all, this run {self.steps_per_epoch} and {self.total_steps}; "
@@ -397,7 +480,8 @@ class Trainer:
         self.scheduler.load_state_dict(extra["scheduler"])
         load_component_state(self.combiner, extra["combiner"])
         load_component_state(self.smart, extra["smart"])
-        self._rng_to_restore = extra["rng"]
+        per_rank = extra.get("rng_per_rank")  # torchrun: each rank continues its own random stream
+        self._rng_to_restore = per_rank[distributed.rank()] if per_rank else extra["rng"]
         self.global_step = self.last_saved_step = state["global_step"]
         self.bad_steps, self.bad_in_a_row = state["bad_steps"], state["bad_in_a_row"]
         self.running = {t: list(state["running"].get(t, [])) for t in self.tasks}
@@ -581,11 +665,24 @@ def prepare_output_dir(args: Namespace) -> Path:
     return out
 
 
+class _NoMetrics:
+    """The metrics log of ranks other than 0 under torchrun: they write nothing."""
+
+    def write(self, **record) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def run(args: Namespace) -> dict[str, float]:
-    """The main job: train (unless --predict_only), write checkpoints, predictions and scores."""
-    resume_from = check_output_dir(args)  # a taken --output_dir is refused before any work
+    """The main job: train (unless --predict_only), write checkpoints, predictions and scores.
+
+    Under torchrun (WORLD_SIZE > 1) every process runs it: data parallel over the ranks, rank 0 alone writes
+    (minbert.distributed, docs/distributed.md)."""
+    device = distributed.init(resolve_device(args.device))  # torchrun: join the process group; cuda:LOCAL_RANK
+    resume_from = distributed.on_main(check_output_dir, args)  # a taken --output_dir is refused before any work
     set_seed(args.seed)
-    device = resolve_device(args.device)
     source = args.checkpoint if args.predict_only else args.model_name_or_path
     tokenizer = load_tokenizer(source, args.max_seq_length)
     pad_id = pad_token_id(tokenizer)
@@ -599,6 +696,9 @@ def run(args: Namespace) -> dict[str, float]:
     else:
         model = build_model(args)
     model.to(device)
+    distributed.broadcast_model(model)  # torchrun: every rank starts from rank 0's weights
+    if getattr(args, "torch_compile", False):
+        compile_encoder(model, device)
 
     t_start = time.perf_counter()
     tensors = {key: tensorize(d, tokenizer) for key, d in data.items()}
@@ -607,10 +707,11 @@ def run(args: Namespace) -> dict[str, float]:
         train = {t: tensors[(t, "train")] for t in args.tasks}
         dev = {t: tensors[(t, "dev")] for t in args.tasks}
         trainer = Trainer(args, model, train, dev, device, tokenizer, Path(args.output_dir), metrics=None)
-    out = prepare_output_dir(args)
-    if resume_from is None:  # a resumed run keeps the args.json it was checked against
+    out = distributed.on_main(prepare_output_dir, args)
+    if resume_from is None and distributed.is_main():  # a resumed run keeps the args.json it was checked against
         atomic_write_text(out / "args.json", json.dumps(vars(args), indent=2, default=str) + "\n")
-    metrics = MetricsLog(out / "metrics.jsonl", report_to=getattr(args, "report_to", "none"))
+    metrics = (MetricsLog(out / "metrics.jsonl", report_to=getattr(args, "report_to", "none"))
+               if distributed.is_main() else _NoMetrics())
     try:
         if trainer is not None:
             trainer.metrics = metrics
@@ -630,6 +731,8 @@ def run(args: Namespace) -> dict[str, float]:
         metrics.close()
     results = {"dev": scores, "wall_seconds": round(wall, 1), "predictions": str(pred_dir),
                "checkpoint": str(out / "best") if not args.predict_only else args.checkpoint}
+    if not distributed.is_main():
+        return scores
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     print_scores(f"dev scores ({'best epoch' if not args.predict_only else 'checkpoint'}); predictions in {pred_dir}", scores)
     return scores

@@ -29,8 +29,8 @@ def usage_error(main, argv, capsys) -> str:
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--tasks", "sst,foo"], "argument --tasks: unknown task 'foo' (choose from sst, qqp, sts)"),
-    (["--tasks", ","], "argument --tasks: unknown task ',' (choose from sst, qqp, sts)"),
+    (["--tasks", "sst,foo"], "argument --tasks: unknown task 'foo' (choose from sst, qqp, sts, sst2)"),
+    (["--tasks", ","], "argument --tasks: unknown task ',' (choose from sst, qqp, sts, sst2)"),
     (["--per_device_train_batch_size", "-4"], "argument --per_device_train_batch_size: must be positive, got -4"),
     (["--per_device_train_batch_size", "0"], "argument --per_device_train_batch_size: must be positive, got 0"),
     (["--per_device_eval_batch_size", "x"], "argument --per_device_eval_batch_size: 'x' is not an integer"),
@@ -47,6 +47,8 @@ def usage_error(main, argv, capsys) -> str:
     (["--predict_only"], "--predict_only needs --checkpoint DIR"),
     (["--resume", "--predict_only", "--checkpoint", "x"], "--resume cannot be combined with --predict_only"),
     (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+    (["--smart", "--bf16"], "--smart with --bf16: SMART's perturbation (--smart_epsilon, 1e-5 by default) is below "
+                            "bfloat16's resolution and would vanish; run SMART in float32 (drop --bf16)"),
 ])
 def test_train_flag_mistakes(capsys, argv, message):
     if "--data_dir" not in argv:
@@ -107,7 +109,7 @@ def test_real_interpreter_one_line_errors(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("usage: ")
     assert r.stderr.strip().splitlines()[-1] == \
-        "train_multitask.py: error: argument --tasks: unknown task 'foo' (choose from sst, qqp, sts)"
+        "train_multitask.py: error: argument --tasks: unknown task 'foo' (choose from sst, qqp, sts, sst2)"
     (tmp_path / "data").mkdir()
     r = subprocess.run([sys.executable, str(ROOT / "train_multitask.py"), "--model_name_or_path", "bert-tiny",
                         "--data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")],

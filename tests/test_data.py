@@ -23,6 +23,26 @@ def test_shipped_files_read_completely(task, split):
     assert len({ex.id for ex in data.examples}) == len(data.examples)
 
 
+def test_sst2_is_glue_sst2_built_from_the_sst_files():
+    """Neutral sentences (class 2) are outside SST-2: dropped by definition and counted, not reported as bad rows.
+    The dev split is GLUE's SST-2 dev set: 872 sentences, 428 negative and 444 positive."""
+    sst = {ex.id: ex.label for ex in load_task("sst", "dev", DATA).examples}
+    dev = load_task("sst2", "dev", DATA)
+    assert len(dev.examples) == 872 and dev.dropped == 229 and not dev.skipped
+    assert sum(ex.label == 0 for ex in dev.examples) == 428
+    assert all(ex.label == (1 if sst[ex.id] >= 3 else 0) and sst[ex.id] != 2 for ex in dev.examples)
+    train = load_task("sst2", "train", DATA)
+    assert len(train.examples) + train.dropped == EXPECTED_ROWS[("sst", "train")]
+    assert len(load_task("sst2", "test", DATA).examples) == EXPECTED_ROWS[("sst", "test")]  # unlabeled: all kept
+
+
+def test_sst2_label_out_of_range_names_the_line(tmp_path):
+    path = tmp_path / "ids-sst-dev.csv"
+    path.write_text("id\tsentence\tsentiment\n0\ta\t0\n1\tb\t5\n")
+    with pytest.raises(DataError, match=r"ids-sst-dev\.csv:3: label '5' is out of range \(classes 0\.\.4\)"):
+        read_task_file(TASKS["sst2"], path, "dev")
+
+
 def test_quora_train_unlabeled_rows_are_reported_not_guessed():
     with pytest.raises(DataError, match=r"quora-train\.csv:1848: missing label"):
         load_task("qqp", "train", DATA)

@@ -93,3 +93,38 @@ def test_command_line_errors_and_print_commands(small_data, capsys):
     printed = capsys.readouterr().out
     assert printed.count("python train_multitask.py ") == 13
     assert "# SMART Loss w/ GSE\n" in printed
+
+
+@pytest.mark.slow
+def test_mfac_cards_smoke_runs_both_optimizers_over_seeds(small_data, tmp_path, capsys, one_thread):
+    out = tmp_path / "cards"
+    code = main(["mfac", "--setting", "sst2", "--profile", "smoke", "--seeds", "1,2", "--data_dir", str(small_data),
+                 "--output_dir", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["optimizer"], r["seed"]) for r in results["runs"]] == [("adam", 1), ("mfac", 1), ("adam", 2), ("mfac", 2)]
+    for r in results["runs"]:
+        args = json.loads((out / r["key"] / "args.json").read_text())
+        assert args["tasks"] == ["sst2"] and args["seed"] == r["seed"] and args["pooling"] == "cls"
+        assert args["optim"] == ("mfac" if r["optimizer"] == "mfac" else "adamw")
+        assert set(r["dev"]) == {"sst2", "overall"}
+    for opt in ("adam", "mfac"):
+        accs = [r["dev"]["sst2"] for r in results["runs"] if r["optimizer"] == opt]
+        summary = results["summary"][opt]["sst2"]
+        assert summary["runs"] == 2 and summary["mean"] == pytest.approx(sum(accs) / 2)
+        assert summary["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+        assert set(results["summary"][opt]) == {"sst2"}  # one task: its "overall" is the same number
+    assert "| mfac | 2 | " in capsys.readouterr().out
+
+
+def test_mfac_cards_flags():
+    from minbert.experiments import CARD_MFAC_ARGS, card_rows
+    from minbert.optim import parse_optim_args
+
+    rows = card_rows("sst2", "full", (1234,))
+    assert [r.key for r in rows] == ["adam-seed1234", "mfac-seed1234"]
+    flags = rows[1].flags
+    assert flags[flags.index("--num_train_epochs") + 1] == "3" and flags[flags.index("--learning_rate") + 1] == "1e-4"
+    assert parse_optim_args(CARD_MFAC_ARGS) == {"lr": 1e-4, "num_grads": 1024, "damp": 1e-6, "sparsity_k": 0.01}
+    with pytest.raises(SystemExit):
+        main(["mfac", "--seeds", "a,b", "--print_commands"])

@@ -65,6 +65,16 @@ def test_single_task_and_max_eval_samples(small_data, tmp_path):
     assert len((tmp_path / "predictions" / "sts-test-output.csv").read_text().splitlines()) == 11
 
 
+def test_sst2_single_task(small_data, tmp_path):
+    assert train_main(tiny_args(small_data, tmp_path, "--tasks", "sst2", "--num_train_epochs", "1")) == 0
+    files = sorted(p.name for p in (tmp_path / "predictions").iterdir())
+    assert files == ["sst2-dev-output.csv", "sst2-test-output.csv"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["dev"]) == {"sst2", "overall"} and results["dev"]["overall"] == results["dev"]["sst2"]
+    assert score_prediction_dir(tmp_path / "predictions", small_data)["dev"]["sst2"] == pytest.approx(
+        results["dev"]["sst2"], abs=1e-4)
+
+
 def test_finished_output_dir_is_refused(tiny_run, small_data):
     r = subprocess.run([sys.executable, str(ROOT / "train_multitask.py"), *tiny_args(small_data, tiny_run)],
                        capture_output=True, text=True, cwd=ROOT)

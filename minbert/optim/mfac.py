@@ -30,14 +30,26 @@ also G g), an m x m Cholesky solve in float64, and one pass to form G^T y:
 O(m*d + m^3) time like the paper's sliding-window update, and the two window
 reads that are the memory floor of any exact method. The same code runs on
 CPU and CUDA.
+
+Under torch.distributed (every rank holding the same, already averaged
+gradient) the window is sharded by columns: rank r keeps the contiguous slice
+[r*s, min(d, (r+1)*s)), s = ceil(d/N), of every window row, so G = [G_0 ... G_{N-1}]
+and the three d-sized products split exactly:
+
+    K[j, :] = G g = sum_r G_r g_r      (one all_reduce of m float64 per step)
+    u = m G^T y   = [m G_r^T y]_r      (one all_gather of d entries per step)
+
+The m x m solve is repeated on every rank on identical (all-reduced) data.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
 __all__ = ["MFAC", "MFACMemoryError", "free_memory_bytes"]
@@ -143,16 +155,26 @@ class MFAC(Optimizer):
             (values + int32 indices) with error feedback (Modoranu et al., 2023):
             ``a = g + e; c = topk(a); e = a - c``; F is built from, and applied
             to, the compressed ``c``. An ``int`` is the number of entries kept,
-            a ``float`` in (0, 1] the kept fraction of all parameters.
+            a ``float`` in (0, 1] the kept fraction of all parameters. When the
+            window is sharded, each rank keeps the top ``ceil(k * d_r / d)`` of
+            its own d_r entries (see ``docs/mfac.md``).
         check_memory: run the free-memory preflight before allocating the window.
+        process_group: torch.distributed group to shard the window over. None
+            means the default group when torch.distributed is initialized, else
+            a single process. Every rank must call ``step()`` with the same,
+            already averaged gradient.
+        shard_window: False keeps the whole window on every rank (no
+            communication; every rank repeats the same computation).
 
     Raises:
-        MFACMemoryError: (a ``MemoryError``) if the window does not fit.
+        MFACMemoryError: (a ``MemoryError``) if the window does not fit (on any rank).
 
     Note:
         ``state_dict()`` returns references to the live window (like torch's
         optimizers do for their state); ``torch.save`` it or deep-copy it before
-        stepping again if you need a snapshot.
+        stepping again if you need a snapshot. With a sharded window it needs
+        ``consolidate_state_dict()`` first; ``shard_state_dict()`` is the per-rank
+        alternative.
     """
 
     def __init__(
@@ -166,6 +188,8 @@ class MFAC(Optimizer):
         window_dtype: Union[None, str, torch.dtype] = None,
         sparsity_k: Union[None, int, float] = None,
         check_memory: bool = True,
+        process_group=None,
+        shard_window: bool = True,
     ):
         if not lr >= 0.0:
             raise ValueError(f"invalid lr {lr}")
@@ -202,14 +226,20 @@ class MFAC(Optimizer):
         if not self.window_dtype.is_floating_point:
             raise ValueError(f"window_dtype must be a floating point dtype, got {self.window_dtype}")
 
+        self._setup_shards(process_group, shard_window)
         self.sparsity_k = self._resolve_k(sparsity_k)
-        self._index_dtype = torch.int32 if self.dim < 2**31 else torch.int64
+        # Per-rank number of kept entries: proportional to the shard, rounded up.
+        self._shard_ks = None
+        if self.sparsity_k is not None:
+            self._shard_ks = [min(n, math.ceil(self.sparsity_k * n / self.dim)) for n in self._shard_dims]
+        self._local_k = self._shard_ks[self._rank] if self._shard_ks else None
+        self._index_dtype = torch.int32 if self._local_dim < 2**31 else torch.int64
         chunk = _CHUNK_ELEMS.get(self.device.type, _CHUNK_ELEMS["cuda"])
         if self.sparsity_k is not None:
-            self._rows_per_chunk = max(1, min(num_grads, chunk // self.sparsity_k))
-            self._chunk_elems = self._rows_per_chunk * self.sparsity_k
+            self._rows_per_chunk = max(1, min(num_grads, chunk // self._local_k))
+            self._chunk_elems = self._rows_per_chunk * self._local_k
         elif self.window_dtype != self.compute_dtype:
-            self._cols_per_chunk = max(1, min(self.dim, chunk // num_grads))
+            self._cols_per_chunk = max(1, min(self._local_dim, chunk // num_grads))
             self._chunk_elems = self._cols_per_chunk * num_grads
         else:
             self._chunk_elems = 0
@@ -219,6 +249,43 @@ class MFAC(Optimizer):
         self._allocate()
 
     # ------------------------------------------------------------------ setup
+
+    def _setup_shards(self, process_group, shard_window: bool):
+        """Pick the group to shard over and this rank's contiguous slice [start, stop) of the flat parameters."""
+        self._group = None
+        if not shard_window:
+            if process_group is not None:
+                raise ValueError("MFAC got a process_group but shard_window=False")
+        elif process_group is not None or (dist.is_available() and dist.is_initialized()):
+            group = process_group if process_group is not None else dist.group.WORLD
+            if dist.get_world_size(group) > 1:
+                self._group = group
+        self._world = dist.get_world_size(self._group) if self._group is not None else 1
+        self._rank = dist.get_rank(self._group) if self._group is not None else 0
+        # Equal padded slices of s = ceil(d/N) (the last one shorter), so one
+        # all_gather of N*s entries lays the slices of u end to end.
+        self._shard_len = -(-self.dim // self._world)
+        if (self._world - 1) * self._shard_len >= self.dim:
+            raise ValueError(
+                f"MFAC cannot shard {self.dim:,} parameters over {self._world} ranks (a rank would get none); "
+                "pass shard_window=False"
+            )
+        self._shard_dims = [min(self.dim, (r + 1) * self._shard_len) - r * self._shard_len for r in range(self._world)]
+        self._start = self._rank * self._shard_len
+        self._stop = self._start + self._shard_dims[self._rank]
+        self._local_dim = self._stop - self._start
+        # (parameter, first, last) flat ranges that make up this rank's slice, in order.
+        self._pieces, offset = [], 0
+        for p, n in zip(self._params, self._numels):
+            a, b = max(self._start, offset), min(self._stop, offset + n)
+            if a < b:
+                self._pieces.append((p, a - offset, b - offset))
+            offset += n
+
+    @property
+    def sharded(self) -> bool:
+        """True when the window is split over the ranks of a process group."""
+        return self._group is not None
 
     def _resolve_k(self, sparsity_k) -> Optional[int]:
         if sparsity_k is None:
@@ -234,70 +301,121 @@ class MFAC(Optimizer):
         raise ValueError(f"sparsity_k must be a positive int or a float in (0, 1], got {sparsity_k!r}")
 
     def _memory_needed(self, m: int) -> tuple[int, int]:
-        """Bytes for (window with m rows, everything else) on the device."""
+        """Bytes on this rank's device for (window with m rows, everything else)."""
         wbytes, cbytes = self.window_dtype.itemsize, self.compute_dtype.itemsize
+        d, local = self.dim, self._local_dim
+        vectors = d  # u: every rank applies the whole update
+        if self.sharded:
+            vectors += self._shard_len  # this rank's slice of u before the all_gather
         if self.sparsity_k is None:
-            window = m * self.dim * wbytes
-            vectors = 1  # u
+            window = m * local * wbytes
         else:
-            window = m * self.sparsity_k * (wbytes + self._index_dtype.itemsize)
-            vectors = 3  # u, error accumulator, dense scratch
+            window = m * self._local_k * (wbytes + self._index_dtype.itemsize)
+            vectors += 2 * local  # error accumulator, dense scratch
         if any(g["momentum"] > 0 for g in self.param_groups):
-            vectors += 1
-        other = vectors * self.dim * cbytes + 2 * m * m * 8 + self._chunk_elems * cbytes
+            vectors += d
+        other = vectors * cbytes + 2 * m * m * 8 + self._chunk_elems * cbytes
         return window, other
 
+    def _ranks_sharing_memory(self) -> int:
+        """Ranks whose windows come out of the same free memory: torchrun's ranks on this host, on CPU."""
+        if not self.sharded or self.device.type != "cpu":
+            return 1
+        try:
+            return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        except ValueError:
+            return 1
+
     def _preflight(self):
-        """Refuse (one-line MemoryError) if the window cannot fit in free memory."""
+        """Refuse (one-line MemoryError) if the window cannot fit in free memory.
+
+        Sharded, all ranks agree (all_reduce MIN of the largest m that fits on each)
+        and raise together: a rank that raised alone would leave the others waiting
+        in their first step's all_reduce. The collective also makes every rank read
+        its free memory before any rank allocates its shard.
+        """
         free = free_memory_bytes(self.device)
-        if free is None:
+        sharing = self._ranks_sharing_memory()
+
+        def needed(m: int) -> int:
+            return sharing * sum(self._memory_needed(m))
+
+        lo = self.num_grads  # largest m with needed(m) <= free
+        if free is not None and needed(self.num_grads) > free:
+            lo, hi = 0, self.num_grads
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if needed(mid) <= free:
+                    lo = mid
+                else:
+                    hi = mid - 1
+        if self.sharded:
+            largest = torch.tensor([lo], dtype=torch.int64, device=self.device)
+            dist.all_reduce(largest, op=dist.ReduceOp.MIN, group=self._group)
+            lo = int(largest.item())
+        if lo >= self.num_grads:
             return
-        window, other = self._memory_needed(self.num_grads)
-        needed = window + other
-        if needed <= free:
-            return
-        lo, hi = 0, self.num_grads  # largest m with memory(m) <= free
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if sum(self._memory_needed(mid)) <= free:
-                lo = mid
-            else:
-                hi = mid - 1
+
         dtype = str(self.window_dtype).removeprefix("torch.")
-        if self.sparsity_k is not None:
-            layout = f"{self.num_grads} x top-{self.sparsity_k:,} of {self.dim:,} params x ({dtype} + index)"
-            hint = "a smaller sparsity_k"
-        else:
-            layout = f"{self.num_grads} x {self.dim:,} params x {dtype}"
+        free_text = _gib(free) if free is not None else "unknown"
+        if self.sparsity_k is None:
             hint = "sparsity_k" if self.window_dtype.itemsize <= 2 else "window_dtype=torch.bfloat16 or sparsity_k"
+        else:
+            hint = "a smaller sparsity_k"
+        if not self.sharded:
+            if self.sparsity_k is not None:
+                layout = f"{self.num_grads} x top-{self.sparsity_k:,} of {self.dim:,} params x ({dtype} + index)"
+            else:
+                layout = f"{self.num_grads} x {self.dim:,} params x {dtype}"
+            raise MFACMemoryError(
+                f"MFAC gradient window does not fit on {self.device}: needed {_gib(needed(self.num_grads))} "
+                f"({layout}), free {free_text}; largest num_grads that fits: {lo} "
+                f"(or compress the window with {hint})"
+            )
+        shard = f"{self._local_dim:,} of {self.dim:,} params"
+        if self.sparsity_k is not None:
+            layout = f"{self.num_grads} x top-{self._local_k:,} of its {shard} x ({dtype} + index)"
+        else:
+            layout = f"{self.num_grads} x {shard} x {dtype}"
+        if sharing > 1:
+            layout += f", times {sharing} ranks on this host"
         raise MFACMemoryError(
-            f"MFAC gradient window does not fit on {self.device}: needed {_gib(needed)} "
-            f"({layout}), free {_gib(free)}; largest num_grads that fits: {lo} "
-            f"(or compress the window with {hint})"
+            f"MFAC gradient window does not fit on {self.device} on every rank: rank {self._rank} of {self._world} "
+            f"needs {_gib(needed(self.num_grads))} ({layout}), free {free_text}; largest num_grads that fits on all "
+            f"ranks: {lo} (or shard over more ranks, or compress the window with {hint})"
         )
 
     def _allocate(self):
         m, d, dev = self.num_grads, self.dim, self.device
-        cdt = self.compute_dtype
+        local, cdt = self._local_dim, self.compute_dtype
         if self.sparsity_k is None:
-            self._window = torch.zeros(m, d, dtype=self.window_dtype, device=dev)
+            self._window = torch.zeros(m, local, dtype=self.window_dtype, device=dev)
         else:
-            k = self.sparsity_k
+            k = self._local_k
             self._values = torch.zeros(m, k, dtype=self.window_dtype, device=dev)
-            self._indices = torch.zeros(m, k, dtype=self._index_dtype, device=dev)
-            self._error = torch.zeros(d, dtype=cdt, device=dev)
-            self._dense = torch.zeros(d, dtype=cdt, device=dev)  # scratch: |a|, then c densely
+            self._indices = torch.zeros(m, k, dtype=self._index_dtype, device=dev)  # local to the shard
+            self._error = torch.zeros(local, dtype=cdt, device=dev)
+            self._dense = torch.zeros(local, dtype=cdt, device=dev)  # scratch: |a|, then c densely
             self._topk_vals = torch.empty(k, dtype=cdt, device=dev)
             self._topk_idx = torch.empty(k, dtype=torch.int64, device=dev)
             self._sort_perm = torch.empty(k, dtype=torch.int64, device=dev)
         self._scratch = torch.empty(self._chunk_elems, dtype=cdt, device=dev)
         # Gram matrix K = G G^T, kept in float64: all m x m algebra is float64.
         self._gram = torch.zeros(m, m, dtype=torch.float64, device=dev)
-        self._u = torch.zeros(d, dtype=cdt, device=dev)
+        if self.sharded:
+            # u is gathered into N padded slices of s entries; u_local is this rank's slice.
+            self._u_padded = torch.zeros(self._world * self._shard_len, dtype=cdt, device=dev)
+            self._u = self._u_padded[:d]
+            self._u_slices = list(self._u_padded.split(self._shard_len))
+            self._u_local = torch.zeros(self._shard_len, dtype=cdt, device=dev)
+        else:
+            self._u = torch.zeros(d, dtype=cdt, device=dev)
+            self._u_local = self._u
         self._momentum_buffer: Optional[torch.Tensor] = None
         self._pos = 0  # ring position of the next gradient
         self._step = 0  # number of gradients seen
         self._u_views = self._views(self._u)
+        self._consolidated: Optional[dict] = None  # full "mfac" entry on rank `to`, until the next step
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-parameter views (parameter shapes) into a flat length-d vector."""
@@ -331,34 +449,46 @@ class MFAC(Optimizer):
 
         # 1) Insert the newest gradient as row j and compute G[:filled] @ row_j,
         #    which is both the new row/column j of K and the Woodbury right-hand side.
+        #    Sharded, each rank has the dot products of its columns: sum them.
         if self.sparsity_k is None:
             dots = self._insert_dense(j, filled)
         else:
             dots = self._insert_sparse(j, filled)
+        if self.sharded:
+            dist.all_reduce(dots, group=self._group)
         self._gram[j, :filled] = dots
         self._gram[:filled, j] = dots
 
         # 2) y = (m*lambda*I + K)^{-1} e_j in float64 (K is SPD: Cholesky, no LU needed).
+        #    Every rank solves the same (all-reduced) system.
         y = self._solve_unit(filled, j)
         y.mul_(m)
 
-        # 3) u = F^{-1} c = m * G^T y, with c the stored (possibly compressed) row j.
+        # 3) u = F^{-1} c = m * G^T y, with c the stored (possibly compressed) row j;
+        #    sharded, each rank forms its slice of u and the slices are all-gathered.
         if self.sparsity_k is None:
             self._combine_dense(y, filled)
         else:
             self._combine_sparse(y, filled)
+        if self.sharded:
+            dist.all_gather(self._u_slices, self._u_local, group=self._group)
 
         self._pos = (j + 1) % m
         self._step += 1
+        self._consolidated = None
         self._apply_update()
         return loss
 
-    def _flat_grads(self) -> list[torch.Tensor]:
-        return [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in self._params]
+    def _local_grads(self) -> list[torch.Tensor]:
+        """This rank's slice of the flat gradient, as flat pieces (zeros for a missing grad)."""
+        out = []
+        for p, a, b in self._pieces:
+            out.append(p.grad.reshape(-1)[a:b] if p.grad is not None else p.new_zeros(b - a))
+        return out
 
     def _insert_dense(self, j: int, filled: int) -> torch.Tensor:
         row = self._window[j]
-        torch.cat(self._flat_grads(), out=row)  # one fused copy (and cast) into the window
+        torch.cat(self._local_grads(), out=row)  # one fused copy (and cast) into the window
         rows = self._window[:filled]
         if self.window_dtype == self.compute_dtype:
             return torch.mv(rows, row).to(torch.float64)
@@ -366,20 +496,21 @@ class MFAC(Optimizer):
         # accumulated in the compute dtype, never rounded to bf16.
         dots = torch.zeros(filled, dtype=torch.float64, device=self.device)
         step = self._cols_per_chunk
-        for c0 in range(0, self.dim, step):
-            c1 = min(self.dim, c0 + step)
+        for c0 in range(0, self._local_dim, step):
+            c1 = min(self._local_dim, c0 + step)
             block = self._scratch[: filled * (c1 - c0)].view(filled, c1 - c0)
             block.copy_(rows[:, c0:c1])
             dots += torch.mv(block, block[j]).to(torch.float64)
         return dots
 
     def _insert_sparse(self, j: int, filled: int) -> torch.Tensor:
-        e, dense, k = self._error, self._dense, self.sparsity_k
+        e, dense, k = self._error, self._dense, self._local_k
         # Error feedback: a = g + e (accumulated in place in e).
         grads, views = [], []
-        for p, v in zip(self._params, self._views(e)):
+        error_pieces = e.split([b - a for _, a, b in self._pieces])
+        for (p, a, b), v in zip(self._pieces, error_pieces):
             if p.grad is not None:
-                grads.append(p.grad)
+                grads.append(p.grad.reshape(-1)[a:b])
                 views.append(v)
         if grads:
             torch._foreach_add_(views, grads)
@@ -412,9 +543,9 @@ class MFAC(Optimizer):
         strided sample that keeps ~2k candidates, then run the exact top-k on
         those. If fewer than k candidates survive, fall back to the full top-k,
         so the result is always the exact top-k. Sorting the indices makes the
-        later gathers / scatters walk memory in order.
+        later gathers / scatters walk memory in order. (k and d are this rank's.)
         """
-        k, d, out = self.sparsity_k, self.dim, self._topk_idx
+        k, d, out = self._local_k, self._local_dim, self._topk_idx
         candidates = None
         if 8 * k <= d and d >= 1 << 16:
             sample = scores[:: max(1, d // (1 << 14))]
@@ -457,20 +588,20 @@ class MFAC(Optimizer):
         return evecs @ ((evecs[j] / evals.clamp_min(shift)))
 
     def _combine_dense(self, y: torch.Tensor, filled: int):
-        rows, u = self._window[:filled], self._u
+        rows, u = self._window[:filled], self._u_local[: self._local_dim]
         if self.window_dtype == self.compute_dtype:
             torch.mv(rows.t(), y.to(self.compute_dtype), out=u)
             return
         y = y.to(self.compute_dtype)  # coefficients must not be rounded to bf16
         step = self._cols_per_chunk
-        for c0 in range(0, self.dim, step):
-            c1 = min(self.dim, c0 + step)
+        for c0 in range(0, self._local_dim, step):
+            c1 = min(self._local_dim, c0 + step)
             block = self._scratch[: filled * (c1 - c0)].view(filled, c1 - c0)
             block.copy_(rows[:, c0:c1])
             torch.mv(block.t(), y, out=u[c0:c1])
 
     def _combine_sparse(self, y: torch.Tensor, filled: int):
-        u, k = self._u, self.sparsity_k
+        u, k = self._u_local[: self._local_dim], self._local_k
         y = y.to(self.compute_dtype)
         u.zero_()
         step = self._rows_per_chunk
@@ -481,7 +612,10 @@ class MFAC(Optimizer):
             u.index_add_(0, self._indices[r0:r1].reshape(-1), scaled.view(-1))
 
     def _apply_update(self):
-        """Momentum, decoupled weight decay and p -= lr * u, per param group."""
+        """Momentum, decoupled weight decay and p -= lr * u, per param group.
+
+        Sharded, every rank applies the whole (gathered) update: identical inputs
+        give identical parameters, and momentum stays as in one process."""
         if self._momentum_buffer is None and any(g["momentum"] > 0 for g in self.param_groups):
             self._momentum_buffer = torch.zeros_like(self._u)
             self._momentum_views = self._views(self._momentum_buffer)
@@ -501,6 +635,18 @@ class MFAC(Optimizer):
             torch._foreach_add_(params, updates, alpha=-group["lr"])
 
     # ------------------------------------------------------------ checkpoints
+    #
+    # A full "mfac" entry (one process, consolidate_state_dict(), or
+    # merge_shard_state_dicts()) holds the whole window and does not depend on
+    # the world size: load_state_dict() takes each rank's columns from it. A
+    # shard entry (shard_state_dict() on a sharded rank) holds one rank's columns
+    # plus a "shard" record, and loads only into the same rank of the same layout.
+    # Top-k windows are selected per shard, so they resume only with the same
+    # per-rank k (i.e. the same number of ranks).
+
+    def _shard_record(self, rank: int) -> dict:
+        start = rank * self._shard_len
+        return {"rank": rank, "world_size": self._world, "start": start, "stop": start + self._shard_dims[rank]}
 
     def _mfac_state(self) -> dict:
         state = {
@@ -515,17 +661,118 @@ class MFAC(Optimizer):
         if self.sparsity_k is None:
             state["window"] = self._window
         else:
-            state.update(values=self._values, indices=self._indices, error=self._error)
+            state.update(values=self._values, indices=self._indices, error=self._error, shard_ks=self._shard_ks)
+        if self.sharded:
+            state["shard"] = self._shard_record(self._rank)
         return state
 
     def state_dict(self) -> dict:
         """torch.optim state dict plus an ``"mfac"`` entry with the window, the
-        Gram matrix, the error accumulator, momentum, ring position and step."""
+        Gram matrix, the error accumulator, momentum, ring position and step.
+
+        Sharded: only on rank ``to`` after ``consolidate_state_dict(to)`` (and no
+        step since); the entry then holds the whole window on CPU.
+        """
+        state_dict = super().state_dict()
+        if not self.sharded:
+            state_dict["mfac"] = self._mfac_state()
+        elif self._consolidated is not None:
+            state_dict["mfac"] = self._consolidated
+        else:
+            raise RuntimeError(
+                f"MFAC's window is sharded over {self._world} ranks: call consolidate_state_dict(to=...) on every "
+                "rank and then state_dict() on that rank, or save shard_state_dict() on every rank"
+            )
+        return state_dict
+
+    def shard_state_dict(self) -> dict:
+        """This rank's checkpoint without communication: the "mfac" entry holds this
+        rank's columns of the window (references) and a "shard" record. Equal to
+        ``state_dict()`` when the window is not sharded."""
         state_dict = super().state_dict()
         state_dict["mfac"] = self._mfac_state()
         return state_dict
 
+    @torch.no_grad()
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Collective (call on every rank): gather all shards of the window, on CPU,
+        on rank ``to`` (a rank of the process group), whose ``state_dict()`` then
+        returns a world-size independent checkpoint. Rank ``to`` needs host memory
+        for the whole window. Nothing to do when the window is not sharded."""
+        if not self.sharded:
+            return
+        if not 0 <= to < self._world:
+            raise ValueError(f"consolidate_state_dict: to={to} is not a rank of the {self._world}-rank group")
+        mine = self._mfac_state()
+        names = ["window"] if self.sparsity_k is None else ["values", "indices", "error"]
+        if self._rank != to:
+            for name in names:
+                dist.send(mine[name].contiguous(), dst=dist.get_global_rank(self._group, to), group=self._group)
+            self._consolidated = None
+            return
+
+        def shards():  # one rank's shard at a time, so at most one shard beside the full window
+            for rank in range(self._world):
+                state = dict(mine, shard=self._shard_record(rank))
+                if rank != to:
+                    for name in names:
+                        cols = self._shard_dims[rank] if name in ("window", "error") else self._shard_ks[rank]
+                        shape = (cols,) if name == "error" else (self.num_grads, cols)
+                        buf = torch.empty(shape, dtype=mine[name].dtype, device=self.device)
+                        dist.recv(buf, src=dist.get_global_rank(self._group, rank), group=self._group)
+                        state[name] = buf
+                yield {"mfac": state}
+
+        self._consolidated = self.merge_shard_state_dicts(shards())["mfac"]
+
+    @staticmethod
+    @torch.no_grad()
+    def merge_shard_state_dicts(shards: Iterable[dict]) -> dict:
+        """One full (world-size independent) state dict, on CPU, from the
+        ``shard_state_dict()`` of every rank (any order). Top-k windows keep their
+        per-shard layout (``shard_ks``) with global indices."""
+        full, seen, merged = None, set(), None
+        for shard_state in shards:
+            saved = shard_state["mfac"]
+            record = saved.get("shard")
+            if record is None:
+                raise ValueError("merge_shard_state_dicts: got a state dict that is not a shard")
+            if full is None:
+                world, m, d = record["world_size"], saved["num_grads"], saved["dim"]
+                merged = {key: shard_state[key] for key in shard_state if key != "mfac"}
+                full = {key: saved[key] for key in ("num_grads", "dim", "sparsity_k", "pos", "step")}
+                full["gram"] = saved["gram"].to("cpu", copy=True)
+                momentum = saved["momentum_buffer"]
+                full["momentum_buffer"] = None if momentum is None else momentum.to("cpu", copy=True)
+                if saved["sparsity_k"] is None:
+                    full["window"] = torch.empty(m, d, dtype=saved["window"].dtype)
+                else:
+                    ks = list(saved["shard_ks"])
+                    full["shard_ks"] = ks
+                    full["values"] = torch.empty(m, sum(ks), dtype=saved["values"].dtype)
+                    full["indices"] = torch.empty(m, sum(ks), dtype=torch.int32 if d < 2**31 else torch.int64)
+                    full["error"] = torch.empty(d, dtype=saved["error"].dtype)
+            if (record["world_size"], saved["step"], saved["dim"]) != (world, full["step"], full["dim"]):
+                raise ValueError("merge_shard_state_dicts: shards come from different runs or steps")
+            rank, start, stop = record["rank"], record["start"], record["stop"]
+            if "window" in full:
+                full["window"][:, start:stop].copy_(saved["window"])
+            else:
+                c0 = sum(full["shard_ks"][:rank])
+                c1 = c0 + full["shard_ks"][rank]
+                full["values"][:, c0:c1].copy_(saved["values"])
+                full["indices"][:, c0:c1].copy_(saved["indices"].to(torch.int64) + start)
+                full["error"][start:stop].copy_(saved["error"])
+            seen.add(rank)
+        if full is None or seen != set(range(world)):
+            missing = sorted(set(range(world)) - seen) if full is not None else "all"
+            raise ValueError(f"merge_shard_state_dicts: missing the shards of ranks {missing}")
+        merged["mfac"] = full
+        return merged
+
     def load_state_dict(self, state_dict: dict):
+        """Load a full state dict (any world size; each rank takes its columns) or
+        this rank's own ``shard_state_dict()``."""
         state_dict = dict(state_dict)
         saved = state_dict.pop("mfac", None)
         if saved is None:
@@ -535,12 +782,40 @@ class MFAC(Optimizer):
                 raise ValueError(
                     f"MFAC state dict has {key}={saved[key]} but this optimizer has {key}={getattr(self, key)}"
                 )
+        record = saved.get("shard")
+        if record is not None and (record["start"], record["stop"]) != (self._start, self._stop):
+            raise ValueError(
+                f"MFAC state dict holds columns {record['start']}:{record['stop']} (rank {record['rank']} of "
+                f"{record['world_size']}) but this rank has {self._start}:{self._stop}; load a consolidated state "
+                "dict (consolidate_state_dict or merge_shard_state_dicts) to change the number of ranks"
+            )
+        if self.sparsity_k is not None:
+            saved_ks = list(saved.get("shard_ks") or [saved["sparsity_k"]])
+            if record is not None:
+                saved_ks = saved_ks[record["rank"] : record["rank"] + 1]
+                mine_ks = [self._local_k]
+            else:
+                mine_ks = self._shard_ks
+            if saved_ks != mine_ks:
+                raise ValueError(
+                    f"MFAC top-k window was saved with per-rank k {saved_ks} but this run has {mine_ks}: top-k "
+                    "entries are selected per shard, so resume a sparse window with the same number of ranks"
+                )
         super().load_state_dict(state_dict)
         # Copy in place: keeps the preallocated (device, dtype) buffers and their views.
-        mine = self._mfac_state()
-        for key in ("gram", "window", "values", "indices", "error"):
-            if key in mine:
-                mine[key].copy_(saved[key])
+        self._gram.copy_(saved["gram"])
+        if record is not None:  # this rank's own shard
+            for key in ("window", "values", "indices", "error"):
+                if key in saved:
+                    getattr(self, "_" + key).copy_(saved[key])
+        elif self.sparsity_k is None:
+            self._window.copy_(saved["window"][:, self._start : self._stop])
+        else:
+            c0 = sum(self._shard_ks[: self._rank])
+            c1 = c0 + self._local_k
+            self._values.copy_(saved["values"][:, c0:c1])
+            self._indices.copy_(saved["indices"][:, c0:c1] - self._start)
+            self._error.copy_(saved["error"][self._start : self._stop])
         if saved["momentum_buffer"] is not None:
             if self._momentum_buffer is None:
                 self._momentum_buffer = torch.zeros_like(self._u)
@@ -550,3 +825,4 @@ class MFAC(Optimizer):
             self._momentum_buffer = None
         self._pos = int(saved["pos"])
         self._step = int(saved["step"])
+        self._consolidated = None

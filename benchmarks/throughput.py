@@ -1,0 +1,542 @@
+"""Training and inference throughput of minbert against transformers.BertModel and a pad-to-128 pipeline.
+
+Three pipelines on the CPU, on real rows of data/ids-sst-train.csv and data/quora-train.csv (training) and of the
+dev files (inference), tokenized with minbert's tokenizer:
+
+  (a) ours    minbert itself: ``Trainer.train_step`` (length-bucketed batches from the task streams, our encoder,
+              fused AdamW, gradient clipping: the real training step) and ``predict_task`` (length-sorted batches,
+              eval mode, ``torch.inference_mode``: the real prediction path).
+  (b) hf      ``transformers.BertModel`` holding the same weights, with the same pooling and heads, on identical
+              batches (same examples, same padding), the same AdamW and clipping, train mode for training and
+              eval mode + ``torch.inference_mode`` for inference.
+  (c) pad128  a run_glue-style pipeline: every sequence padded to 128 tokens (a QQP pair is one
+              ``[CLS] a [SEP] b [SEP]`` sequence, as run_glue encodes it), random batches of the same examples,
+              ``transformers.BertModel`` + dropout + linear on the pooled output (BertForSequenceClassification's
+              computation), the same AdamW and clipping. Training only.
+
+Examples/s count one SST sentence or one QQP pair as an example; each training step trains SST and then QQP on
+one batch each (the ``individual`` schedule). The batches are real: one bucketed pass of each task's training
+stream (and the length-sorted dev batches for inference) is sorted by padded width and a few batches at evenly
+spaced quantiles of width are taken, so a few batches stand for the whole epoch's padding. Batch collation
+(padding the token lists) is timed in every pipeline; tokenization is not (all three tokenize once up front).
+
+The pipelines are timed in turn, in a rotating order, for ``--repeats`` rounds after one untimed warmup round,
+so drift on a shared machine affects all of them alike; the ratios are medians of the per-round ratios:
+
+  train_vs_hf    (a) / (b) training examples/s: our encoder against transformers on identical batches
+  infer_vs_hf    (a) / (b) inference examples/s
+  e2e_vs_pad128  (a) / (c) training examples/s: our whole training pipeline (bucketing + encoder) against
+                 run_glue-style padding to 128
+
+    python benchmarks/throughput.py --quick          # under a minute on one idle CPU core
+    python benchmarks/throughput.py                  # a few minutes
+    python benchmarks/throughput.py --bf16           # bfloat16 autocast in all three pipelines
+
+The last line is exactly ``RATIOS train_vs_hf=X infer_vs_hf=Y e2e_vs_pad128=Z``. See docs/speed.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from minbert.cli import train_parser  # noqa: E402
+from minbert.data import Encoded, TaskStream, TaskTensors, load_task, sorted_batches, tensorize  # noqa: E402
+from minbert.model import BertModel, to_hf_state_dict  # noqa: E402
+from minbert.pooling import pool  # noqa: E402
+from minbert.predict import predict_task  # noqa: E402
+from minbert.tokenizer import load_tokenizer, pad_token_id  # noqa: E402
+from minbert.train import Trainer, build_model, build_optimizer, compile_encoder, linear_schedule  # noqa: E402
+
+TASKS = ("sst", "qqp")
+GLUE_LENGTH = 128  # run_glue's --max_seq_length default, with pad_to_max_length
+CHECK_TOLERANCE = 1e-4  # max |logit difference| between (a) and (b) in float32 on the same weights
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches
+
+
+def quantile_batches(batches: list[list[int]], widths: list[int], k: int) -> list[list[int]]:
+    """``k`` batches at evenly spaced quantiles ((j + 0.5) / k) of padded width: a stratified sample of the pass."""
+    order = sorted(range(len(batches)), key=lambda i: widths[i])
+    return [batches[order[int((j + 0.5) / k * len(order))]] for j in range(k)]
+
+
+def width(data: TaskTensors, idx: list[int]) -> int:
+    """The padded width of a batch: its longest text (a pair task pads each column to its own longest)."""
+    return max(len(col.ids[i]) for col in data.columns for i in idx)
+
+
+def training_batches(data: TaskTensors, batch_size: int, k: int, seed: int, task_index: int) -> tuple[list[list[int]], float]:
+    """``k`` batches of one bucketed pass of the task's training stream (full batches only), and the mean padded
+    width of the whole pass (to show how well the k batches stand for it)."""
+    stream = TaskStream(data, batch_size, seed, task_index)
+    full = [b for b in (stream.indices(i) for i in range(stream.batches_per_pass)) if len(b) == batch_size]
+    widths = [width(data, b) for b in full]
+    return quantile_batches(full, widths, k), statistics.mean(widths)
+
+
+def eval_subset(data: TaskTensors, batch_size: int, k: int) -> TaskTensors:
+    """The examples of ``k`` of the split's length-sorted prediction batches. predict_task re-sorts them and cuts
+    exactly these batches again (each is a contiguous, full run of the sorted order)."""
+    full = [b for b in sorted_batches(data.lengths(), batch_size) if len(b) == batch_size]
+    idx = [i for b in quantile_batches(full, [width(data, b) for b in full], k) for i in b]
+    return subset(data, idx)
+
+
+def subset(data: TaskTensors, idx: list[int]) -> TaskTensors:
+    labels = data.labels[idx] if data.labels is not None else None
+    return TaskTensors(data.task, [Encoded([c.ids[i] for i in idx]) for c in data.columns], labels,
+                       [data.ids[i] for i in idx])
+
+
+class FixedStream:
+    """Stands in for a Trainer's TaskStream: batch ``i`` of the stream is the i-th chosen batch (cyclically)."""
+
+    def __init__(self, data: TaskTensors, batches: list[list[int]]):
+        self.data, self.batches = data, batches
+        self.batch_size = len(batches[0])
+        self.lengths = data.lengths()
+        self.batches_per_pass = len(batches)
+
+    def indices(self, i: int) -> list[int]:
+        return self.batches[i % len(self.batches)]
+
+    def batch(self, i: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+        return self.data.batch(self.indices(i), pad_id)
+
+
+def padded_tokens_per_example(data: TaskTensors, batches: list[list[int]]) -> float:
+    """Token positions the encoder runs per example (padding included) over ``batches``."""
+    return sum(width_col * len(b) for b in batches for width_col in
+               (max(len(col.ids[i]) for i in b) for col in data.columns)) / sum(len(b) for b in batches)
+
+
+def padding_table(train: dict[str, TaskTensors], batch_size: int, seed: int) -> list[str]:
+    """Positions per example over one pass of each training file: real tokens, length-bucketed batches (ours),
+    random batches padded to their longest, and everything padded to 128 (a pair as one sequence)."""
+    lines = ["| positions per training example | " + " | ".join(TASKS) + " |", "|---" * (len(TASKS) + 1) + "|"]
+    rows = {"real tokens": [], "(a) bucketed batches": [], "random batches, padded to their longest": [],
+            f"(c) padded to {GLUE_LENGTH}": []}
+    for i, t in enumerate(TASKS):
+        data = train[t]
+        stream = TaskStream(data, batch_size, seed, i)
+        bucketed = [stream.indices(k) for k in range(stream.batches_per_pass)]
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+        random = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        rows["real tokens"].append(sum(sum(col.lengths()) for col in data.columns) / len(data))
+        rows["(a) bucketed batches"].append(padded_tokens_per_example(data, bucketed))
+        rows["random batches, padded to their longest"].append(padded_tokens_per_example(data, random))
+        rows[f"(c) padded to {GLUE_LENGTH}"].append(float(GLUE_LENGTH))
+    lines += [f"| {name} | " + " | ".join(f"{v:.1f}" for v in values) + " |" for name, values in rows.items()]
+    return lines
+
+
+def glue_inputs(examples, tokenizer, pad_id: int) -> dict[str, torch.Tensor]:
+    """run_glue's preprocessing: one sequence per example (pairs as [CLS] a [SEP] b [SEP]), truncated and padded to
+    128, as tensors (done once, before timing, like its ``datasets.map``)."""
+    texts = [ex.texts if len(ex.texts) == 2 else ex.texts[0] for ex in examples]
+    encs = tokenizer.encode_batch(texts, add_special_tokens=True)
+    ids = torch.full((len(encs), GLUE_LENGTH), pad_id, dtype=torch.long)
+    types = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    for r, e in enumerate(encs):
+        n = min(len(e.ids), GLUE_LENGTH)
+        ids[r, :n] = torch.tensor(e.ids[:n])
+        types[r, :n] = torch.tensor(e.type_ids[:n])
+        mask[r, :n] = 1
+    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The transformers models
+
+
+def hf_encoder(transformers, encoder, attn_implementation: str | None = None) -> nn.Module:
+    """A transformers.BertModel with our encoder's weights (by default its default attention implementation)."""
+    cfg = encoder.config
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    hf_cfg = transformers.BertConfig(**{k: v for k, v in cfg.__dict__.items() if k != "add_pooling_layer"}, **extra)
+    hf = transformers.BertModel(hf_cfg, add_pooling_layer=cfg.add_pooling_layer)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(encoder.state_dict()), strict=False)
+    missing = [k for k in missing if not k.endswith(("position_ids", "token_type_ids"))]  # buffers
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not map onto transformers.BertModel: missing {missing}, unexpected {unexpected}")
+    return hf
+
+
+class HFMultitask(nn.Module):
+    """(b): our MultitaskBert's computation (pooling, heads, losses) on a transformers.BertModel."""
+
+    def __init__(self, encoder: nn.Module, heads: nn.ModuleDict, pooling: str):
+        super().__init__()
+        self.encoder, self.heads, self.pooling = encoder, heads, pooling
+
+    def forward(self, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        pooled = []
+        for suffix in ("", "_b"):
+            if "input_ids" + suffix in batch:
+                mask = batch["attention_mask" + suffix]
+                out = self.encoder(input_ids=batch["input_ids" + suffix], attention_mask=mask)
+                pooled.append(pool(out, mask, self.pooling))
+        return self.heads[task](*pooled)
+
+    def loss(self, task: str, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.heads[task].loss(output, batch["labels"])
+
+
+class GlueStyle(nn.Module):
+    """(c): transformers.BertModel + dropout + linear on the pooled output, cross-entropy (what run_glue trains:
+    BertForSequenceClassification), one classifier per task."""
+
+    def __init__(self, encoder: nn.Module, num_labels: dict[str, int], dropout: float):
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = nn.Dropout(dropout)
+        hidden = encoder.config.hidden_size
+        self.heads = nn.ModuleDict({t: nn.Linear(hidden, n) for t, n in num_labels.items()})
+
+    def forward(self, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           token_type_ids=batch["token_type_ids"])
+        return self.heads[task](self.dropout(out.pooler_output))
+
+    def loss(self, task: str, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(output, batch["labels"])
+
+
+class Pipeline:
+    """A transformers model trained like Trainer.train_step trains ours: per task, forward + loss (autocast with
+    --bf16), backward, then clip + AdamW step + zero grads, then the schedule."""
+
+    def __init__(self, model: nn.Module, args: argparse.Namespace, amp: torch.dtype | None):
+        self.model, self.args, self.amp = model, args, amp
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(args, model)
+        self.scheduler = linear_schedule(self.optimizer, 0, 10**9)
+
+    def train_step(self, batches: dict[str, dict[str, torch.Tensor]]) -> None:
+        for task, batch in batches.items():
+            with torch.autocast("cpu", dtype=self.amp, enabled=self.amp is not None):
+                loss = self.model.loss(task, self.model(task, batch), batch).float()
+            loss.backward()
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+            if bool(torch.isfinite(norm)):
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.args.max_grad_norm, norm)
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.item()
+        self.scheduler.step()
+
+
+@torch.inference_mode()
+def predict_hf(model: HFMultitask, data: TaskTensors, batch_size: int, pad_id: int, amp: torch.dtype | None) -> torch.Tensor:
+    """(b)'s inference: predict_task's loop (same length-sorted batches, eval mode, inference_mode)."""
+    model.eval()
+    head = model.heads[data.task.name]
+    out = [None] * len(data)
+    for idx in sorted_batches(data.lengths(), batch_size):
+        batch = data.batch(idx, pad_id)
+        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+            pred = head.predict(model(data.task.name, batch).float())
+        for i, p in zip(idx, pred):
+            out[i] = p
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="batch 16 (eval 32), 1 training and 1 eval batch per task, 3 rounds: < 1 minute on one core")
+    p.add_argument("--model_name_or_path", default="minilm-l6", help="a minbert preset or Hugging Face model directory")
+    p.add_argument("--data_dir", default="data")
+    p.add_argument("--batch_size", type=int, default=None, help="training batch per task (default 32; 16 with --quick)")
+    p.add_argument("--eval_batch_size", type=int, default=None, help="prediction batch (default 128; 32 with --quick)")
+    p.add_argument("--train_batches", type=int, default=None, help="training batches per task per round (default 2; 1 with --quick)")
+    p.add_argument("--eval_batches", type=int, default=None, help="prediction batches per task per round (default 2; 1 with --quick)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds after the warmup round (default 5; 3 with --quick)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast in all three pipelines (like with like)")
+    p.add_argument("--torch_compile", action="store_true",
+                   help="compile our encoder layers (minbert's --torch_compile; transformers stays eager)")
+    p.add_argument("--levers", action="store_true",
+                   help="also time (a) with one speed lever taken away at a time (more time per round)")
+    p.add_argument("--timer", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time; cpu: this process's CPU time, which a core shared with other jobs "
+                        "does not inflate (meaningful with --threads 1 only)")
+    p.add_argument("--max_rows", type=int, default=None,
+                   help="read the first N rows of each file (default all; 2000 with --quick): bucketing sorts "
+                        "within chunks of 50 batches, so N well above 50 x batch size keeps its batches realistic")
+    p.add_argument("--seed", type=int, default=11711)
+    args = p.parse_args(argv)
+    quick = args.quick
+    if args.max_rows is None and quick:
+        args.max_rows = 2000
+    if args.timer == "cpu" and (args.threads or torch.get_num_threads()) != 1:
+        p.error("--timer cpu sums the CPU time of all threads: use it with --threads 1")
+    for name, full, fast in (("batch_size", 32, 16), ("eval_batch_size", 128, 32), ("train_batches", 2, 1),
+                             ("eval_batches", 2, 1), ("repeats", 5, 3)):
+        if getattr(args, name) is None:
+            setattr(args, name, fast if quick else full)
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        import transformers
+    except ImportError:
+        print("error: the benchmark compares against transformers.BertModel, which is not installed: "
+              "pip install 'transformers>=4.40' (or pip install -e '.[test]')", file=sys.stderr)
+        return 1
+    transformers.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    amp = torch.bfloat16 if args.bf16 else None
+    device = torch.device("cpu")
+
+    # Data: whole files by default (bucketing then sees a real pass over the training file), tokenized once.
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    pad_id = pad_token_id(tokenizer)
+    raw = {t: load_task(t, "train", args.data_dir, skip_bad_rows=True, max_samples=args.max_rows) for t in TASKS}
+    train = {t: tensorize(raw[t], tokenizer) for t in TASKS}
+    dev = {t: tensorize(load_task(t, "dev", args.data_dir, skip_bad_rows=True, max_samples=args.max_rows), tokenizer)
+           for t in TASKS}
+    chosen, pass_width = {}, {}
+    for i, t in enumerate(TASKS):
+        chosen[t], pass_width[t] = training_batches(train[t], args.batch_size, args.train_batches, args.seed, i)
+    evals = {t: eval_subset(dev[t], args.eval_batch_size, args.eval_batches) for t in TASKS}
+
+    # (a) minbert's own Trainer, its streams replaced by the chosen batches.
+    flags = ["--model_name_or_path", args.model_name_or_path, "--data_dir", args.data_dir, "--tasks", ",".join(TASKS),
+             "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size",
+             str(args.eval_batch_size), "--seed", str(args.seed), "--device", "cpu"]
+    targs = train_parser().parse_args(flags + ["--bf16"] * args.bf16 + ["--torch_compile"] * args.torch_compile)
+    ours = build_model(targs)
+    ours.to(device)
+    # (b) and (c) start from the same weights (the heads of (b) too), before (a) takes any step.
+    hf = HFMultitask(hf_encoder(transformers, ours.encoder), copy.deepcopy(ours.heads), ours.config.pooling)
+    glue = GlueStyle(copy.deepcopy(hf.encoder), {"sst": 5, "qqp": 2}, ours.encoder.config.hidden_dropout_prob)
+    check = max_logit_difference(ours, hf, train, chosen, pad_id)
+    if not check <= CHECK_TOLERANCE:
+        print(f"error: ours and transformers.BertModel disagree on the same weights: max |logit difference| "
+              f"{check:.2e} > {CHECK_TOLERANCE:g}", file=sys.stderr)
+        return 1
+    if args.torch_compile:
+        compile_encoder(ours, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(targs, ours, train, {}, device, tokenizer, tmp, metrics=None)
+    trainer.streams = {t: FixedStream(train[t], chosen[t]) for t in TASKS}
+    hf_pipe = Pipeline(hf, targs, amp)
+    glue_pipe = Pipeline(glue, targs, amp)
+
+    # (c)'s examples: the same training examples as (a) and (b), in random batches, padded to 128.
+    glue_batches = {}
+    for t in TASKS:
+        idx = [i for b in chosen[t] for i in b]
+        idx = [idx[j] for j in torch.randperm(len(idx), generator=torch.Generator().manual_seed(args.seed)).tolist()]
+        inputs = glue_inputs([raw[t].examples[i] for i in idx], tokenizer, pad_id)
+        inputs["labels"] = train[t].labels[idx]
+        glue_batches[t] = [{k: v[s:s + args.batch_size] for k, v in inputs.items()}
+                           for s in range(0, len(idx), args.batch_size)]
+    n_train = sum(len(b) for t in TASKS for b in chosen[t])
+    n_infer = sum(len(d) for d in evals.values())
+
+    def a_train():
+        ours.train()
+        for i in range(args.train_batches):
+            trainer.train_step(i)
+
+    def b_train():
+        hf.train()
+        for i in range(args.train_batches):
+            hf_pipe.train_step({t: train[t].batch(chosen[t][i], pad_id) for t in TASKS})
+
+    def c_train():
+        glue.train()
+        for i in range(args.train_batches):
+            # default_data_collator's work: stack the pre-padded rows of the batch
+            glue_pipe.train_step({t: {k: v.clone() for k, v in glue_batches[t][i].items()} for t in TASKS})
+
+    def a_infer():
+        for t in TASKS:
+            predict_task(ours, evals[t], args.eval_batch_size, device, pad_id, amp_dtype=amp)
+
+    def b_infer():
+        for t in TASKS:
+            predict_hf(hf, evals[t], args.eval_batch_size, pad_id, amp)
+
+    runs = {"a_train": a_train, "b_train": b_train, "c_train": c_train, "a_infer": a_infer, "b_infer": b_infer}
+    if args.levers:
+        runs.update(lever_runs(args, ours, hf, trainer, train, chosen, evals, a_train, a_infer, b_train, b_infer, device, pad_id, amp))
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    clock = time.process_time if args.timer == "cpu" else time.perf_counter
+    t_bench = time.perf_counter()
+    for r in range(args.repeats + 1):  # round 0 is the warmup
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            t0 = clock()
+            runs[name]()
+            if r:
+                times[name].append(clock() - t0)
+    t_bench = time.perf_counter() - t_bench
+
+    rate = {name: [(n_train if "train" in name else n_infer) / s for s in ts] for name, ts in times.items()}
+    per_round = {
+        "train_vs_hf": [b / a for a, b in zip(times["a_train"], times["b_train"])],
+        "infer_vs_hf": [b / a for a, b in zip(times["a_infer"], times["b_infer"])],
+        "e2e_vs_pad128": [c / a for a, c in zip(times["a_train"], times["c_train"])],
+    }
+    ratios = {k: statistics.median(v) for k, v in per_round.items()}
+
+    enc = ours.encoder.config
+    widths = {t: [width(train[t], b) for b in chosen[t]] for t in TASKS}
+    print(f"throughput of {args.model_name_or_path} ({enc.num_hidden_layers} layers, hidden {enc.hidden_size}); "
+          f"torch {torch.__version__}, transformers {transformers.__version__} "
+          f"(attention: {hf.encoder.config._attn_implementation}), {torch.get_num_threads()} thread(s), "
+          f"{'bf16 autocast in (a), (b) and (c)' if amp else 'float32'}"
+          f"{', (a) compiled with torch.compile' if args.torch_compile else ''}")
+    print(f"check: (a) and (b) on the same weights, float32 eval: max |logit difference| {check:.1e}")
+    print(f"training: batch {args.batch_size} per task, {args.train_batches} step(s) of SST + QQP per round, padded widths "
+          + ", ".join(f"{t} {widths[t]} (whole pass: mean {pass_width[t]:.1f})" for t in TASKS)
+          + f", (c) {GLUE_LENGTH}; "
+          f"inference: batch {args.eval_batch_size}, {n_infer} dev examples; "
+          f"{args.repeats} timed rounds after 1 warmup round ({args.timer} time), {t_bench:.0f} s wall")
+    print()
+    print("\n".join(padding_table(train, args.batch_size, args.seed)))
+    print()
+    print("| pipeline | train examples/s | inference examples/s |")
+    print("|---|---|---|")
+    med = {name: statistics.median(v) for name, v in rate.items()}
+    print(f"| (a) minbert (bucketed batches) | {med['a_train']:.1f} | {med['a_infer']:.1f} |")
+    print(f"| (b) transformers.BertModel, same batches | {med['b_train']:.1f} | {med['b_infer']:.1f} |")
+    print(f"| (c) run_glue-style, padded to {GLUE_LENGTH} | {med['c_train']:.1f} | - |")
+    print()
+    if args.levers:
+        print("| lever | training speed-up from it | inference speed-up from it |")
+        print("|---|---|---|")
+        for name, (what, base) in LEVERS.items():
+            cells = []
+            for kind in ("train", "infer"):
+                key = f"{name}_{kind}"
+                if key in times:
+                    r = [v / a for a, v in zip(times[f"{base}_{kind}"], times[key])]
+                    cells.append(f"{statistics.median(r):.3f}x ({min(r):.2f}..{max(r):.2f})")
+                else:
+                    cells.append("-")
+            print(f"| {what} | {cells[0]} | {cells[1]} |")
+        print()
+    for k, v in per_round.items():
+        print(f"{k}: median {ratios[k]:.3f} over {len(v)} rounds (min {min(v):.3f}, max {max(v):.3f})")
+    print(f"RATIOS train_vs_hf={ratios['train_vs_hf']:.3f} infer_vs_hf={ratios['infer_vs_hf']:.3f} "
+          f"e2e_vs_pad128={ratios['e2e_vs_pad128']:.3f}")
+    return 0
+
+
+# name -> (what is taken away, the pipeline it is taken from)
+LEVERS = {
+    "padded": ("(a) skipping padding tokens outside attention", "a"),
+    "random": ("(a) length bucketing: random batches of the same examples, padded to their longest", "a"),
+    "bs32": ("(a) large eval batches: 32 instead of --eval_batch_size", "a"),
+    "nograd": ("(a) torch.inference_mode: torch.no_grad instead", "a"),
+    "math": ("(a) SDPA's fused CPU attention kernel: its math backend (softmax(QK^T)V as separate ops)", "a"),
+    "hf_eager": ("(b) SDPA: transformers' eager attention instead", "b"),
+}
+
+
+def lever_runs(args, ours, hf, trainer, train, chosen, evals, a_train, a_infer, b_train, b_infer, device, pad_id, amp):
+    """(a) with one lever taken away at a time, on the same examples; and (b) with eager attention."""
+
+    @contextlib.contextmanager
+    def every_position():
+        ours.encoder.encode = functools.partial(BertModel.encode, ours.encoder, skip_padding=False)
+        try:
+            yield
+        finally:
+            del ours.encoder.encode
+
+    @contextlib.contextmanager
+    def random_batches():
+        saved = trainer.streams
+        g = torch.Generator().manual_seed(args.seed)
+        trainer.streams = {}
+        for t in TASKS:
+            idx = [i for b in chosen[t] for i in b]
+            idx = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+            trainer.streams[t] = FixedStream(train[t], [idx[s:s + args.batch_size] for s in range(0, len(idx), args.batch_size)])
+        try:
+            yield
+        finally:
+            trainer.streams = saved
+
+    def ours_infer(batch_size=args.eval_batch_size, grad_mode=torch.inference_mode):
+        predict = predict_task.__wrapped__  # predict_task without its inference_mode decorator
+        with grad_mode():
+            for t in TASKS:
+                predict(ours, evals[t], batch_size, device, pad_id, amp_dtype=amp)
+
+    def math_attention():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel([SDPBackend.MATH])
+
+    import transformers
+
+    hf_eager = HFMultitask(hf_encoder(transformers, ours.encoder, "eager"), copy.deepcopy(hf.heads), hf.pooling)
+    eager_pipe = Pipeline(hf_eager, trainer.args, amp)
+
+    def with_context(ctx, fn):
+        def run():
+            with ctx():
+                fn()
+        return run
+
+    def eager_train():
+        hf_eager.train()
+        for i in range(args.train_batches):
+            eager_pipe.train_step({t: train[t].batch(chosen[t][i], pad_id) for t in TASKS})
+
+    return {
+        "padded_train": with_context(every_position, a_train),
+        "padded_infer": with_context(every_position, a_infer),
+        "random_train": with_context(random_batches, a_train),
+        "bs32_infer": functools.partial(ours_infer, batch_size=32),
+        "nograd_infer": functools.partial(ours_infer, grad_mode=torch.no_grad),
+        "math_infer": with_context(math_attention, a_infer),
+        "hf_eager_train": eager_train,
+        "hf_eager_infer": lambda: [predict_hf(hf_eager, evals[t], args.eval_batch_size, pad_id, amp) for t in TASKS],
+    }
+
+
+@torch.no_grad()
+def max_logit_difference(ours, hf, train, chosen, pad_id) -> float:
+    """Outputs of (a) and (b) on the first chosen batch of each task, float32, eval mode."""
+    ours.eval(), hf.eval()
+    diff = 0.0
+    for t in TASKS:
+        batch = train[t].batch(chosen[t][0], pad_id)
+        diff = max(diff, (ours(t, batch) - hf(t, batch)).abs().max().item())
+    return diff
+
+
+if __name__ == "__main__":
+    sys.exit(main())
