@@ -211,8 +211,11 @@ class PaperRun:
             self.write()  # after every row, so a long table's progress is on disk
         return self.results
 
+    def table(self) -> str:
+        return markdown_table(self.results)
+
     def write(self) -> None:
-        table = markdown_table(self.results)
+        table = self.table()
         header = (f"# The report's dev table, profile `{self.profile}`\n\n"
                   f"Each cell: ours / the report's (§5.4). STS is Pearson r; overall = (SST + QQP + (r + 1) / 2) / 3."
                   f"\n\n")
@@ -378,15 +381,20 @@ def main(argv: list[str] | None = None) -> int:
         return cards_main(p, args)
     paper = PaperRun(args.profile, Path(args.output_dir or f"runs/paper-{args.profile}"), args.data_dir, args.device,
                      tuple(r for r in ROWS if r.key in wanted), args.overwrite_output_dir)
-    if args.print_commands:
-        for row, row_args in paper.commands():
+    return execute(paper, args.print_commands)
+
+
+def execute(experiment: "PaperRun | CardsRun", print_commands: bool) -> int:
+    """Print the runs' commands, or run them all and print the table; exit status 1 if a run failed."""
+    if print_commands:
+        for row, row_args in experiment.commands():
             print(f"# {row.name}\npython train_multitask.py {shlex.join(row_args)}")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    paper.run()
-    print(markdown_table(paper.results))
-    print(f"\nwritten: {paper.output_dir / 'results.json'}, {paper.output_dir / 'results.md'}")
-    return 1 if any(r.get("error") for r in paper.results) else 0
+    experiment.run()
+    print(experiment.table())
+    print(f"\nwritten: {experiment.output_dir / 'results.json'}, {experiment.output_dir / 'results.md'}")
+    return 1 if any(r.get("error") for r in experiment.results) else 0
 
 
 def cards_main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -398,15 +406,7 @@ def cards_main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         p.error("--seeds: no seed given")
     out = Path(args.output_dir or f"runs/mfac-{args.setting}-{args.profile}")
     cards = CardsRun(args.setting, args.profile, out, seeds, args.data_dir, args.device, args.overwrite_output_dir)
-    if args.print_commands:
-        for row, row_args in cards.commands():
-            print(f"# {row.name}\npython train_multitask.py {shlex.join(row_args)}")
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    cards.run()
-    print(cards.table())
-    print(f"\nwritten: {out / 'results.json'}, {out / 'results.md'}")
-    return 1 if any(r.get("error") for r in cards.results) else 0
+    return execute(cards, args.print_commands)
 
 
 if __name__ == "__main__":
