@@ -24,7 +24,7 @@ Profiles (the settings common to every row; the rows add their own flags):
   encoder is the embedded all-MiniLM-L6-v2 (d = 384), the only pretrained encoder here; the report fine-tuned
   BERT-base (d = 768). Schedule, weight decay and dropout are this package's defaults (the report does not state
   them). Meant for a GPU.
-* ``quick``: the same rows on a 2-core CPU in about an hour: minilm-l6, batch 16, learning rate 1e-4 for the
+* ``quick``: the same rows on this CPU in 71.5 minutes on one core (docs/results.md): minilm-l6, batch 16, learning rate 1e-4 for the
   encoder and 1e-3 for the heads (at 15 steps an epoch with one learning rate 1e-4, SST and QQP never left the
   majority class: docs/results.md), one epoch of 45 steps (``--max_steps_per_epoch 45``; 135 for the 3x rows)
   drawn from all the training data (no ``--max_train_samples``: no task is cycled, every batch is new), bf16
