@@ -130,7 +130,11 @@ class InferenceModel:
         task = task or self.sentiment_task()
         if task not in SENTIMENT_LABELS:
             raise ValueError(f"task {task!r} is not a sentiment task (choose from {', '.join(SENTIMENT_LABELS)})")
-        logits = self.head_outputs(task, [(s,) for s in _texts(sentences)], batch_size)
+        texts = _texts(sentences)
+        if not texts:
+            empty = np.zeros(0, dtype=np.int64)
+            return (empty, np.zeros((0, len(SENTIMENT_LABELS[task])), np.float32)) if return_probabilities else empty
+        logits = self.head_outputs(task, [(s,) for s in texts], batch_size)
         labels = self.model.heads[task].predict(logits).numpy()
         if not return_probabilities:
             return labels
@@ -140,7 +144,10 @@ class InferenceModel:
                            batch_size: int | None = None):
         """Is each (question, question) pair a paraphrase (bool array of shape (n,)); with
         ``return_probabilities``, the pair (decisions, probabilities of "paraphrase" of shape (n,))."""
-        logits = self.head_outputs("qqp", _pairs(pairs), batch_size)
+        pairs = _pairs(pairs)
+        if not pairs:
+            return (np.zeros(0, bool), np.zeros(0, np.float32)) if return_probabilities else np.zeros(0, bool)
+        logits = self.head_outputs("qqp", pairs, batch_size)
         decisions = self.model.heads["qqp"].predict(logits).numpy().astype(bool)
         if not return_probabilities:
             return decisions
@@ -148,7 +155,10 @@ class InferenceModel:
 
     def predict_similarity(self, pairs: Sequence[tuple[str, str]], batch_size: int | None = None) -> np.ndarray:
         """The STS head's semantic similarity of each sentence pair on the 0..5 scale (float array of shape (n,))."""
-        outputs = self.head_outputs("sts", _pairs(pairs), batch_size)
+        pairs = _pairs(pairs)
+        if not pairs:
+            return np.zeros(0, np.float32)
+        outputs = self.head_outputs("sts", pairs, batch_size)
         return self.model.heads["sts"].predict(outputs).numpy().astype(np.float32)
 
     @torch.inference_mode()
@@ -161,7 +171,7 @@ class InferenceModel:
         if any(len(texts) != len(spec.text_columns) for texts in inputs):
             raise ValueError(f"{task} takes {len(spec.text_columns)} text(s) per input")
         if not inputs:
-            return torch.empty(0)
+            raise ValueError("no inputs")
         examples = [Example(str(i), texts, None, i + 1) for i, texts in enumerate(inputs)]
         data = tensorize(TaskData(spec, "test", Path("<inputs>"), examples), self.tokenizer)
         out: list[torch.Tensor | None] = [None] * len(data)
