@@ -156,3 +156,14 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, one_thread):
         exec(compile(block, "README.md", "exec"), namespace)
     assert isinstance(namespace.get("model"), minbert.InferenceModel)
     assert os.getcwd() == str(tmp_path)
+
+
+def test_resolve_checkpoint_falls_back_to_best_old(run_dir, tmp_path):
+    """A kill between io.replace_dir's two renames leaves best.old: the run's checkpoint is still found."""
+    import shutil
+
+    from minbert.multitask import resolve_checkpoint
+
+    shutil.copytree(run_dir / "best", tmp_path / "best.old")
+    assert resolve_checkpoint(tmp_path) == tmp_path / "best.old"
+    assert resolve_checkpoint(run_dir) == run_dir / "best" and resolve_checkpoint(run_dir / "best") == run_dir / "best"
