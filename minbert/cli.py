@@ -57,7 +57,6 @@ def _tasks(text: str) -> list[str]:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    from .combiners import COMBINERS
     from .heads import STS_HEADS
     from .smart import BREGMAN_BETA, BREGMAN_MU, SMART_EPSILON, SMART_ETA, SMART_LAMBDA, SMART_SIGMA, SMART_STEPS
 
@@ -126,9 +125,12 @@ def train_parser() -> argparse.ArgumentParser:
                    help="compile the encoder layers with torch.compile (dynamic shapes); the first steps are slow "
                         "while it compiles, and on CPU it needs a C++ compiler")
     g = p.add_argument_group("multitask")
-    g.add_argument("--combiner", default="individual", choices=list(COMBINERS),
+    g.add_argument("--combiner", default="individual", metavar="COMBINER",
                    help="individual (round-robin per-task steps), sum (one step on the summed loss), pcgrad "
-                        "(gradient surgery), gse (a PCGrad step, then a summed-loss step; docs/multitask.md)")
+                        "(gradient surgery), gse (a PCGrad step, then a summed-loss step), or your own class with a "
+                        "step(ctx) method by its import path (docs/multitask.md)")
+    g.add_argument("--combiner_args", default=None, metavar="JSON",
+                   help='keyword options of your own --combiner class, a JSON object, e.g. \'{"lr": 0.01}\'')
     g.add_argument("--iterations_multiplier", type=_positive_int, default=1,
                    help="an epoch has K x (smallest task's batches) steps")
     g.add_argument("--smart", action="store_true",
@@ -179,11 +181,13 @@ def check_train_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
         p.error(f"--data_dir {args.data_dir}: no such directory")
     if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
         p.error(f"--device {args.device}: choose auto, cpu or cuda")
-    from .combiners import COMBINERS
+    from .combiners import build_combiner
     from .heads import STS_HEADS
 
-    if args.combiner not in COMBINERS:
-        p.error(f"--combiner {args.combiner}: choose from {', '.join(COMBINERS)}")
+    try:  # a user's class (package.module:Class) is imported and built here, so a mistake stops the run at once
+        build_combiner(args.combiner, args.seed, args.combiner_args)
+    except ValueError as e:
+        p.error(str(e))
     if args.sts_head not in STS_HEADS:
         p.error(f"--sts_head {args.sts_head}: choose from {', '.join(STS_HEADS)}")
     if args.bregman and not args.smart:

@@ -10,10 +10,18 @@ Under torchrun (minbert.distributed) ``optimizer_step`` first averages the gradi
 that only back-propagates and steps needs nothing more. One that works on a task's gradient itself (PCGrad)
 calls ``ctx.sync_grads(params)`` right after that task's backward, so it projects the gradient of the global
 batch, the same on every rank.
+
+Besides the built-in combiners, ``--combiner package.module:ClassName`` loads a user's class with the same
+``step(ctx)`` method (:func:`build_combiner`; the interface is documented in docs/multitask.md).
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import inspect
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -182,8 +190,76 @@ class GSE(PCGrad):
 COMBINERS: dict[str, type[Combiner]] = {"individual": Individual, "sum": Sum, "pcgrad": PCGrad, "gse": GSE}
 
 
-def build_combiner(name: str, seed: int = 0) -> Combiner:
-    """``seed`` (the run's --seed) seeds PCGrad's random task order, so runs are reproducible."""
-    if name not in COMBINERS:
-        raise ValueError(f"unknown combiner {name!r} (choose from {', '.join(COMBINERS)})")
-    return COMBINERS[name](seed)
+def build_combiner(spec: str, seed: int = 0, options: dict | str | None = None) -> Combiner:
+    """The combiner that ``--combiner`` names: a built-in one (``COMBINERS``) or a user's class given by its import
+    path, ``package.module:ClassName`` (or ``path/to/file.py:ClassName``). ``options`` (``--combiner_args``, a JSON
+    object or its text) are passed to the user class as keyword arguments, with ``seed=`` (the run's --seed, which
+    seeds PCGrad's random task order) if its constructor takes a ``seed``. Mistakes are one-line ValueErrors."""
+    options = parse_combiner_args(options)
+    if spec in COMBINERS:
+        if options:
+            raise ValueError(f"--combiner_args: the built-in combiner {spec} takes no options")
+        return COMBINERS[spec](seed)
+    if ":" not in spec:
+        raise ValueError(f"--combiner {spec}: choose from {', '.join(COMBINERS)}, or give a class by its import path "
+                         "(package.module:ClassName)")
+    cls = load_combiner_class(spec)
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):  # not introspectable (some C types): pass the options alone
+        signature = None
+    kwargs = dict(options)
+    if signature is not None and "seed" not in kwargs and (
+            "seed" in signature.parameters or any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())):
+        kwargs["seed"] = seed
+    if signature is not None:
+        try:
+            signature.bind(**kwargs)
+        except TypeError as e:
+            raise ValueError(f"--combiner_args: {spec} does not take these options: {e}") from None
+    return cls(**kwargs)
+
+
+def parse_combiner_args(options: dict | str | None) -> dict:
+    """``--combiner_args``: a JSON object (keyword options of a user combiner), as text or already parsed."""
+    if options is None or options == "":
+        return {}
+    if isinstance(options, str):
+        try:
+            options = json.loads(options)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--combiner_args: not valid JSON: {e}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"--combiner_args: expected a JSON object of keyword options, like {{\"lr\": 0.01}}, "
+                         f"got {type(options).__name__}")
+    return options
+
+
+def load_combiner_class(spec: str) -> type:
+    """Import ``module:Name`` (a dotted module importable from sys.path, or a .py file) and check that ``Name``
+    is a class with a ``step(ctx)`` method."""
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--combiner {spec}: expected an import path package.module:ClassName")
+    if module_name.endswith(".py") and not Path(module_name).is_file():
+        raise ValueError(f"--combiner {spec}: no such file {module_name}")
+    try:
+        if module_name.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or whatever the user's module raised while being imported
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"--combiner {spec}: cannot import {module_name}: {type(e).__name__}: {first}") from None
+    obj = module
+    for name in attr.split("."):
+        if not hasattr(obj, name):
+            raise ValueError(f"--combiner {spec}: {module_name} has no attribute {attr}")
+        obj = getattr(obj, name)
+    if not inspect.isclass(obj):
+        raise ValueError(f"--combiner {spec}: {attr} is a {type(obj).__name__}, not a class")
+    if not callable(getattr(obj, "step", None)):
+        raise ValueError(f"--combiner {spec}: class {attr} has no step(ctx) method (see docs/multitask.md)")
+    return obj

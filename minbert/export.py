@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 
 from .io import atomic_save, atomic_write_text
 from .model import to_hf_state_dict
-from .multitask import MultitaskBert
+from .multitask import MultitaskBert, resolve_checkpoint
 
 HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "tokenizer_config.json")
 HEAD_FILES = ("heads.safetensors", "multitask.json")
@@ -71,9 +71,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool =
     with the heads beside it (heads.safetensors + multitask.json). Returns ``out``."""
     from safetensors.torch import save_file
 
-    checkpoint, out = Path(checkpoint), Path(out)
-    if not checkpoint.is_dir():
-        raise ValueError(f"--checkpoint {checkpoint}: no such directory")
+    checkpoint, out = resolve_checkpoint(checkpoint), Path(out)  # a run's --output_dir means its best/
     if out.resolve() == checkpoint.resolve():
         raise ValueError(f"--out {out}: must differ from --checkpoint (the key names differ)")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -122,7 +120,7 @@ def export_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", required=True,
                    help="a minbert checkpoint directory (e.g. runs/default/best: model.safetensors, config.json, "
-                        "multitask.json, tokenizer.json)")
+                        "multitask.json, tokenizer.json), or a run's --output_dir (its best/ is exported)")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="the Hugging Face model directory to write")
     g.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out directory")

@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import BertConfig
 from .heads import build_heads
-from .io import atomic_save, atomic_write_text
+from .io import atomic_save, atomic_write_text, published_dir
 from .model import BertModel
 from .pooling import POOLING_MODES, pool
 
@@ -92,6 +92,23 @@ class MultitaskBert(nn.Module):
         if missing or unexpected:
             raise ValueError(f"{directory}: checkpoint does not match its config (missing {missing}, unexpected {unexpected})")
         return model
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory that ``path`` names: a checkpoint itself (its multitask.json beside the weights, as
+    written by MultitaskBert.save or minbert-export), or a training run's --output_dir, whose best epoch is best/
+    (or best.old, if a kill came between the two renames of io.replace_dir). Anything else is a one-line ValueError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such directory")
+    if (path / "multitask.json").is_file():
+        return path
+    best = published_dir(path / "best")
+    if best is not None and (best / "multitask.json").is_file():
+        return best
+    if (path / "args.json").is_file():
+        raise ValueError(f"{path}: a run directory without a best/ checkpoint (the run has not finished an epoch)")
+    raise ValueError(f"{path}: not a minbert checkpoint (no multitask.json) nor a run directory with best/")
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

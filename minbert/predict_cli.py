@@ -1,0 +1,225 @@
+"""Try a trained model on your own sentences: ``minbert-predict`` (or ``python -m minbert.predict_cli``).
+
+    minbert-predict --checkpoint runs/main --task sst "a gripping, funny film"
+    minbert-predict --checkpoint runs/main --task qqp "How old are you?" "What is your age?"
+    minbert-predict --checkpoint runs/main --task sts "A man plays a guitar." "A man is playing guitar."
+    minbert-predict --checkpoint runs/main --task sts --input pairs.txt --format jsonl --output pairs.jsonl
+
+``--input`` reads a file in the task's CSV layout (the CS224N files: tab-separated, a header naming the ``id`` and
+text columns; read by ``minbert.data.read_task_file``), or else one text per line (a tab-separated pair per line
+for qqp and sts). Predictions are made by the Python API (``minbert.api``), batched; the whole output is computed
+before anything is written, and ``--output`` is written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+from .api import DEFAULT_BATCH_SIZE, SENTIMENT_LABELS, InferenceModel, load
+from .cli import _positive_int, _run_user_command
+from .data import TASKS, DataError, read_task_file, shorten
+from .io import atomic_write_text
+
+PREDICT_TASKS = ("sst", "sst2", "qqp", "sts")
+FORMATS = ("text", "csv", "jsonl")
+
+
+class UsageError(Exception):
+    """A mistake in the command line found after parsing (e.g. a task the checkpoint has no head for): exit 2."""
+
+
+def _device(text: str) -> str:
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: choose auto, cpu, cuda or cuda:N")
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="minbert-predict",
+        description="Predict with a trained minbert model: the sentiment of sentences (sst, sst2), whether two "
+                    "questions are paraphrases (qqp), the 0-5 similarity of two sentences (sts).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint", required=True,
+                   help="a minbert checkpoint (e.g. runs/main/best), a training run's --output_dir (its best/ is "
+                        "used) or a minbert-export folder")
+    g.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes (weights stay float32)")
+    g.add_argument("--batch_size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help="inputs per forward pass")
+    g.add_argument("--max_seq_length", type=_positive_int, default=None,
+                   help="truncate longer inputs (default: the checkpoint's training limit; 128 for an export)")
+    g = p.add_argument_group("input")
+    g.add_argument("--task", required=True, choices=PREDICT_TASKS,
+                   help="sst / sst2: sentiment of each TEXT; qqp: is the pair TEXT TEXT a paraphrase; sts: the "
+                        "0-5 similarity of the pair TEXT TEXT")
+    g.add_argument("texts", nargs="*", metavar="TEXT",
+                   help="the sentence(s) to predict (sst: one or more; qqp, sts: exactly two, one pair)")
+    g.add_argument("--input", metavar="FILE", default=None,
+                   help="read the inputs from FILE instead: the task's CSV layout (tab-separated with a header "
+                        "naming id and the text columns, like data/ids-sst-dev.csv), or one text per line (a "
+                        "tab-separated pair per line for qqp and sts)")
+    g.add_argument("--skip_bad_rows", action="store_true",
+                   help="in a task-layout --input, skip malformed rows (counted and reported) instead of stopping")
+    g = p.add_argument_group("output")
+    g.add_argument("--format", choices=FORMATS, default=None,
+                   help="text (readable lines), csv or jsonl (one JSON object per line); default: text for TEXT "
+                        "arguments, csv for --input")
+    g.add_argument("--output", metavar="FILE", default=None, help="write here (atomically) instead of stdout")
+    return p
+
+
+def check_predict_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.input and args.texts:
+        p.error("give TEXT arguments or --input FILE, not both")
+    if not args.input and not args.texts:
+        p.error("nothing to predict: give TEXT argument(s) or --input FILE")
+    if args.texts and TASKS[args.task].is_pair and len(args.texts) != 2:
+        p.error(f"--task {args.task} takes two texts (one pair), got {len(args.texts)}; "
+                "for several pairs use --input FILE (a tab-separated pair per line)")
+    for i, text in enumerate(args.texts, start=1):
+        if not text.strip():
+            p.error(f"TEXT {i} is empty")
+    if args.format is None:
+        args.format = "csv" if args.input else "text"
+
+
+def read_inputs(path: str | Path, task: str, skip_bad_rows: bool = False) -> tuple[list[str], list[tuple[str, ...]]]:
+    """(ids, inputs) of an --input file: a task file (header with id and the task's text columns), else one text
+    (or tab-separated pair) per line, whose id is its line number. Problems are DataErrors naming file and line."""
+    path = Path(path)
+    spec = TASKS[task]
+    layout = TASKS["sst"] if task == "sst2" else spec  # SST-2 is read from the SST files, every row kept
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: invalid UTF-8") from None
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.removeprefix("\ufeff").split("\n")]
+    header = [h.strip() for h in lines[0].split("\t")]
+    if "id" in header and all(c in header for c in layout.text_columns):
+        data = read_task_file(layout, path, "test", skip_bad_rows)
+        if data.skipped:
+            print(f"warning: {path}: skipped {len(data.skipped)} malformed row(s): {'; '.join(data.skipped)}",
+                  file=sys.stderr)
+        return [ex.id for ex in data.examples], [ex.texts for ex in data.examples]
+    if lines and lines[-1] == "":
+        lines.pop()  # the file's final newline
+    ids, inputs, blank = [], [], 0
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            blank += 1
+            continue
+        if "\x00" in line:
+            raise DataError(f"{path}:{n}: NUL byte in the line")
+        if spec.is_pair:
+            parts = line.split("\t")
+            if len(parts) != 2:
+                raise DataError(f"{path}:{n}: expected two tab-separated texts (one {task} pair per line), found "
+                                f"{len(parts)} field(s): {shorten(line)}")
+            for side, t in zip(("first", "second"), parts):
+                if not t.strip():
+                    raise DataError(f"{path}:{n}: the {side} text of the pair is empty")
+            inputs.append((parts[0], parts[1]))
+        else:
+            inputs.append((line,))
+        ids.append(str(n))
+    if not inputs:
+        raise DataError(f"{path}: no texts to predict")
+    if blank:
+        print(f"note: {path}: {blank} blank line(s) skipped", file=sys.stderr)
+    return ids, inputs
+
+
+def predict_records(model: InferenceModel, task: str, ids: list[str], inputs: list[tuple[str, ...]]) -> list[dict]:
+    """One output record per input: its id and text(s), then the prediction."""
+    columns = TASKS[task].text_columns
+    records = [{"id": i, **dict(zip(columns, texts))} for i, texts in zip(ids, inputs)]
+    if task in SENTIMENT_LABELS:
+        labels, probs = model.predict_sentiment([t[0] for t in inputs], return_probabilities=True, task=task)
+        names = SENTIMENT_LABELS[task]
+        for r, label, p in zip(records, labels, probs):
+            r.update(label=int(label), label_name=names[int(label)],
+                     probabilities={n: round(float(x), 6) for n, x in zip(names, p)})
+    elif task == "qqp":
+        decisions, probs = model.predict_paraphrase(inputs, return_probabilities=True)
+        for r, d, p in zip(records, decisions, probs):
+            r.update(is_paraphrase=bool(d), probability=round(float(p), 6))
+    else:
+        for r, score in zip(records, model.predict_similarity(inputs)):
+            r.update(similarity=round(float(score), 4))
+    return records
+
+
+def format_records(records: list[dict], fmt: str) -> str:
+    if fmt == "jsonl":
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if fmt == "csv":
+        flat = []
+        for r in records:
+            row = {k: v for k, v in r.items() if k != "probabilities"}
+            if "is_paraphrase" in row:
+                row["is_paraphrase"] = int(row["is_paraphrase"])
+            row.update({f"p_{n.replace(' ', '_')}": p for n, p in r.get("probabilities", {}).items()})
+            flat.append(row)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(flat[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(flat)
+        return buf.getvalue()
+    return "".join(_readable(r, prefix=len(records) > 1) + "\n" for r in records)
+
+
+def _readable(r: dict, prefix: bool) -> str:
+    if "label" in r:
+        probs = "  ".join(f"{n} {p:.3f}" for n, p in r["probabilities"].items())
+        line = f"{r['label_name']} ({r['label']})  probabilities: {probs}"
+    elif "is_paraphrase" in r:
+        line = f"paraphrase: {'yes' if r['is_paraphrase'] else 'no'}  probability {r['probability']:.3f}"
+    else:
+        line = f"similarity: {r['similarity']:.2f} (0-5)"
+    return f"{r['id']}: {line}" if prefix else line
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = predict_parser()
+    args = p.parse_args(argv)
+    check_predict_args(p, args)
+
+    def go():
+        model = load(args.checkpoint, device=args.device, bf16=args.bf16, batch_size=args.batch_size,
+                     max_seq_length=args.max_seq_length)
+        if args.task not in model.tasks:
+            raise UsageError(f"--task {args.task}: the checkpoint has no {args.task} head (it has: "
+                             f"{', '.join(model.tasks)})")
+        if args.input:
+            ids, inputs = read_inputs(args.input, args.task, args.skip_bad_rows)
+        elif TASKS[args.task].is_pair:
+            ids, inputs = ["1"], [tuple(args.texts)]
+        else:
+            ids, inputs = [str(i) for i in range(1, len(args.texts) + 1)], [(t,) for t in args.texts]
+        text = format_records(predict_records(model, args.task, ids, inputs), args.format)
+        if args.output:
+            atomic_write_text(args.output, text)
+        else:
+            sys.stdout.write(text)
+
+    try:
+        return _run_user_command(go)
+    except UsageError as e:
+        p.error(str(e))  # usage + one "minbert-predict: error: ..." line, exit 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
