@@ -1,6 +1,6 @@
 """Training and inference throughput of minbert against transformers.BertModel and a pad-to-128 pipeline.
 
-Three pipelines on the CPU, on real rows of data/ids-sst-train.csv and data/quora-train.csv (training) and of the
+Three pipelines on the CPU (or a GPU with ``--device cuda``), on real rows of data/ids-sst-train.csv and data/quora-train.csv (training) and of the
 dev files (inference), tokenized with minbert's tokenizer:
 
   (a) ours    minbert itself: ``Trainer.train_step`` (length-bucketed batches from the task streams, our encoder,
@@ -223,13 +223,15 @@ class Pipeline:
 
     def __init__(self, model: nn.Module, args: argparse.Namespace, amp: torch.dtype | None):
         self.model, self.args, self.amp = model, args, amp
+        self.device = next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(args, model)
         self.scheduler = linear_schedule(self.optimizer, 0, 10**9)
 
     def train_step(self, batches: dict[str, dict[str, torch.Tensor]]) -> None:
         for task, batch in batches.items():
-            with torch.autocast("cpu", dtype=self.amp, enabled=self.amp is not None):
+            batch = {k: v.to(self.device) for k, v in batch.items()}  # a no-op on the CPU
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 loss = self.model.loss(task, self.model(task, batch), batch).float()
             loss.backward()
             grads = [p.grad for p in self.params if p.grad is not None]
@@ -247,10 +249,11 @@ def predict_hf(model: HFMultitask, data: TaskTensors, batch_size: int, pad_id: i
     """(b)'s inference: predict_task's loop (same length-sorted batches, eval mode, inference_mode)."""
     model.eval()
     head = model.heads[data.task.name]
+    device = next(model.parameters()).device
     out = [None] * len(data)
     for idx in sorted_batches(data.lengths(), batch_size):
-        batch = data.batch(idx, pad_id)
-        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+        batch = {k: v.to(device) for k, v in data.batch(idx, pad_id).items()}
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             pred = head.predict(model(data.task.name, batch).float())
         for i, p in zip(idx, pred):
             out[i] = p
@@ -284,7 +287,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="read the first N rows of each file (default all; 2000 with --quick): bucketing sorts "
                         "within chunks of 50 batches, so N well above 50 x batch size keeps its batches realistic")
     p.add_argument("--seed", type=int, default=11711)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where all three pipelines run (cuda: the clock waits for the GPU at the end of each timing)")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    if args.device == "cuda" and (args.levers or args.timer == "cpu"):
+        p.error(f"--device cuda: {'--levers' if args.levers else '--timer cpu'} measures CPU levers/time; drop it")
     quick = args.quick
     if args.max_rows is None and quick:
         args.max_rows = 2000
@@ -312,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     amp = torch.bfloat16 if args.bf16 else None
-    device = torch.device("cpu")
+    device = torch.device(args.device)
 
     # Data: whole files by default (bucketing then sees a real pass over the training file), tokenized once.
     tokenizer = load_tokenizer(args.model_name_or_path)
@@ -329,13 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     # (a) minbert's own Trainer, its streams replaced by the chosen batches.
     flags = ["--model_name_or_path", args.model_name_or_path, "--data_dir", args.data_dir, "--tasks", ",".join(TASKS),
              "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size",
-             str(args.eval_batch_size), "--seed", str(args.seed), "--device", "cpu"]
+             str(args.eval_batch_size), "--seed", str(args.seed), "--device", args.device]
     targs = train_parser().parse_args(flags + ["--bf16"] * args.bf16 + ["--torch_compile"] * args.torch_compile)
     ours = build_model(targs)
     ours.to(device)
     # (b) and (c) start from the same weights (the heads of (b) too), before (a) takes any step.
-    hf = HFMultitask(hf_encoder(transformers, ours.encoder), copy.deepcopy(ours.heads), ours.config.pooling)
-    glue = GlueStyle(copy.deepcopy(hf.encoder), {"sst": 5, "qqp": 2}, ours.encoder.config.hidden_dropout_prob)
+    hf = HFMultitask(hf_encoder(transformers, ours.encoder), copy.deepcopy(ours.heads), ours.config.pooling).to(device)
+    glue = GlueStyle(copy.deepcopy(hf.encoder), {"sst": 5, "qqp": 2}, ours.encoder.config.hidden_dropout_prob).to(device)
     check = max_logit_difference(ours, hf, train, chosen, pad_id)
     if not check <= CHECK_TOLERANCE:
         print(f"error: ours and transformers.BertModel disagree on the same weights: max |logit difference| "
@@ -397,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in order:
             t0 = clock()
             runs[name]()
+            if device.type == "cuda":  # kernels run asynchronously: time them, not their launches
+                torch.cuda.synchronize()
             if r:
                 times[name].append(clock() - t0)
     t_bench = time.perf_counter() - t_bench
@@ -413,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     widths = {t: [width(train[t], b) for b in chosen[t]] for t in TASKS}
     print(f"throughput of {args.model_name_or_path} ({enc.num_hidden_layers} layers, hidden {enc.hidden_size}); "
           f"torch {torch.__version__}, transformers {transformers.__version__} "
-          f"(attention: {hf.encoder.config._attn_implementation}), {torch.get_num_threads()} thread(s), "
+          f"(attention: {hf.encoder.config._attn_implementation}), "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} thread(s)'}, "
           f"{'bf16 autocast in (a), (b) and (c)' if amp else 'float32'}"
           f"{', (a) compiled with torch.compile' if args.torch_compile else ''}")
     print(f"check: (a) and (b) on the same weights, float32 eval: max |logit difference| {check:.1e}")
@@ -531,9 +543,10 @@ def lever_runs(args, ours, hf, trainer, train, chosen, evals, a_train, a_infer, 
 def max_logit_difference(ours, hf, train, chosen, pad_id) -> float:
     """Outputs of (a) and (b) on the first chosen batch of each task, float32, eval mode."""
     ours.eval(), hf.eval()
+    device = next(ours.parameters()).device
     diff = 0.0
     for t in TASKS:
-        batch = train[t].batch(chosen[t][0], pad_id)
+        batch = {k: v.to(device) for k, v in train[t].batch(chosen[t][0], pad_id).items()}
         diff = max(diff, (ours(t, batch) - hf(t, batch)).abs().max().item())
     return diff
 

@@ -344,6 +344,7 @@ def test_build_optimizer():
 # ----------------------------------------------------------------------------- CUDA
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kwargs", [dict(), dict(sparsity_k=10), dict(window_dtype=torch.bfloat16)])
 def test_cuda_matches_cpu(kwargs):
