@@ -290,6 +290,13 @@ def test_cross_end_to_end_predict_only_and_export(cross_run, small_data, tmp_pat
     assert results["bf16"] == args["bf16"]
     scored = score_prediction_dir(cross_run / "predictions", small_data, allow_partial=True)
     assert scored["dev"]["overall"] == pytest.approx(results["dev"]["overall"], abs=1e-3)
+    # args.json is a valid --config: the canonical encoding and the resolved bf16 parse back
+    from minbert.cli import apply_config_file
+
+    p = train_parser()
+    apply_config_file(p, ["--config", str(cross_run / "args.json")])
+    again = p.parse_args([])
+    assert (again.pair_encoding, again.bf16) == ("cross", args["bf16"])
     # --predict_only reads the encoding from the checkpoint: the same predictions
     out = tmp_path / "predict"
     assert train_main(["--predict_only", "--checkpoint", str(cross_run / "best"), "--data_dir", str(small_data),
