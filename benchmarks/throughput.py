@@ -9,6 +9,9 @@ dev files (inference), tokenized with minbert's tokenizer:
   (b) hf      ``transformers.BertModel`` holding the same weights, with the same pooling and heads, on identical
               batches (same examples, same padding), the same AdamW and clipping, train mode for training and
               eval mode + ``torch.inference_mode`` for inference.
+  (a') and (b') the same two on QQP read as one sequence (``--pair_encoding cross``): identical joint sequences
+              ``[CLS] a [SEP] b [SEP]`` with token types, length-bucketed, through (a') minbert's Trainer and
+              predict_task with the cross-encoding head and (b') transformers.BertModel with the same weights and head.
   (c) pad128  a run_glue-style pipeline: every sequence padded to 128 tokens (a QQP pair is one
               ``[CLS] a [SEP] b [SEP]`` sequence, as run_glue encodes it), random batches of the same examples,
               ``transformers.BertModel`` + dropout + linear on the pooled output (BertForSequenceClassification's
@@ -27,12 +30,14 @@ so drift on a shared machine affects all of them alike; the ratios are medians o
   infer_vs_hf    (a) / (b) inference examples/s
   e2e_vs_pad128  (a) / (c) training examples/s: our whole training pipeline (bucketing + encoder) against
                  run_glue-style padding to 128
+  cross_train_vs_hf, cross_infer_vs_hf   (a') / (b'): the same two comparisons on cross-encoded QQP pairs
 
     python benchmarks/throughput.py --quick          # under a minute on one idle CPU core
     python benchmarks/throughput.py                  # a few minutes
     python benchmarks/throughput.py --bf16           # bfloat16 autocast in all three pipelines
 
-The last line is exactly ``RATIOS train_vs_hf=X infer_vs_hf=Y e2e_vs_pad128=Z``. See docs/speed.md.
+The last line is ``RATIOS train_vs_hf=X infer_vs_hf=Y e2e_vs_pad128=Z cross_train_vs_hf=U cross_infer_vs_hf=V``
+(the first three fields always, in this order). See docs/speed.md.
 """
 from __future__ import annotations
 
@@ -60,6 +65,7 @@ from minbert.tokenizer import load_tokenizer, pad_token_id  # noqa: E402
 from minbert.train import Trainer, build_model, build_optimizer, compile_encoder, linear_schedule  # noqa: E402
 
 TASKS = ("sst", "qqp")
+CROSS_TASK = "qqp"  # the pair task of the cross-encoded pipelines (a') and (b')
 GLUE_LENGTH = 128  # run_glue's --max_seq_length default, with pad_to_max_length
 CHECK_TOLERANCE = 1e-4  # max |logit difference| between (a) and (b) in float32 on the same weights
 
@@ -186,10 +192,11 @@ class HFMultitask(nn.Module):
 
     def forward(self, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         pooled = []
-        for suffix in ("", "_b"):
+        for suffix in ("", "_b"):  # one joint sequence (with token types) for a cross-encoded pair
             if "input_ids" + suffix in batch:
                 mask = batch["attention_mask" + suffix]
-                out = self.encoder(input_ids=batch["input_ids" + suffix], attention_mask=mask)
+                out = self.encoder(input_ids=batch["input_ids" + suffix], attention_mask=mask,
+                                   token_type_ids=batch.get("token_type_ids" + suffix))
                 pooled.append(pool(out, mask, self.pooling))
         return self.heads[task](*pooled)
 
@@ -339,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     flags = ["--model_name_or_path", args.model_name_or_path, "--data_dir", args.data_dir, "--tasks", ",".join(TASKS),
              "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size",
              str(args.eval_batch_size), "--seed", str(args.seed), "--device", args.device]
-    targs = train_parser().parse_args(flags + ["--bf16"] * args.bf16 + ["--torch_compile"] * args.torch_compile)
+    flags += ["--bf16", "on" if args.bf16 else "off"] + ["--torch_compile"] * args.torch_compile  # like (b) and (c)
+    targs = train_parser().parse_args(flags)
     ours = build_model(targs)
     ours.to(device)
     # (b) and (c) start from the same weights (the heads of (b) too), before (a) takes any step.
@@ -350,11 +358,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: ours and transformers.BertModel disagree on the same weights: max |logit difference| "
               f"{check:.2e} > {CHECK_TOLERANCE:g}", file=sys.stderr)
         return 1
+    # (a') and (b'): QQP read as one sequence; the pairs tokenized jointly, the same weights on both sides.
+    cross_args = train_parser().parse_args(flags + ["--tasks", CROSS_TASK, "--pair_encoding", "cross"])
+    cross_train = tensorize(raw[CROSS_TASK], tokenizer, "cross")
+    cross_chosen, cross_width = training_batches(cross_train, args.batch_size, args.train_batches, args.seed, 1)
+    cross_eval = eval_subset(tensorize(load_task(CROSS_TASK, "dev", args.data_dir, skip_bad_rows=True,
+                                                 max_samples=args.max_rows), tokenizer, "cross"),
+                             args.eval_batch_size, args.eval_batches)
+    ours_x = build_model(cross_args).to(device)
+    hf_x = HFMultitask(hf_encoder(transformers, ours_x.encoder), copy.deepcopy(ours_x.heads), ours_x.config.pooling)
+    check = max(check, max_logit_difference(ours_x, hf_x, {CROSS_TASK: cross_train}, {CROSS_TASK: cross_chosen},
+                                            pad_id, (CROSS_TASK,)))
+    if not check <= CHECK_TOLERANCE:
+        print(f"error: ours and transformers.BertModel disagree on the same joint sequences: max |logit difference| "
+              f"{check:.2e} > {CHECK_TOLERANCE:g}", file=sys.stderr)
+        return 1
     if args.torch_compile:
         compile_encoder(ours, device)
+        compile_encoder(ours_x, device)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(targs, ours, train, {}, device, tokenizer, tmp, metrics=None)
+        trainer_x = Trainer(cross_args, ours_x, {CROSS_TASK: cross_train}, {}, device, tokenizer, tmp, metrics=None)
     trainer.streams = {t: FixedStream(train[t], chosen[t]) for t in TASKS}
+    trainer_x.streams = {CROSS_TASK: FixedStream(cross_train, cross_chosen)}
+    hf_x_pipe = Pipeline(hf_x, cross_args, amp)
     hf_pipe = Pipeline(hf, targs, amp)
     glue_pipe = Pipeline(glue, targs, amp)
 
@@ -369,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                            for s in range(0, len(idx), args.batch_size)]
     n_train = sum(len(b) for t in TASKS for b in chosen[t])
     n_infer = sum(len(d) for d in evals.values())
+    n_cross_train, n_cross_infer = sum(len(b) for b in cross_chosen), len(cross_eval)
 
     def a_train():
         ours.train()
@@ -394,7 +422,24 @@ def main(argv: list[str] | None = None) -> int:
         for t in TASKS:
             predict_hf(hf, evals[t], args.eval_batch_size, pad_id, amp)
 
-    runs = {"a_train": a_train, "b_train": b_train, "c_train": c_train, "a_infer": a_infer, "b_infer": b_infer}
+    def ax_train():
+        ours_x.train()
+        for i in range(args.train_batches):
+            trainer_x.train_step(i)
+
+    def bx_train():
+        hf_x.train()
+        for i in range(args.train_batches):
+            hf_x_pipe.train_step({CROSS_TASK: cross_train.batch(cross_chosen[i], pad_id)})
+
+    def ax_infer():
+        predict_task(ours_x, cross_eval, args.eval_batch_size, device, pad_id, amp_dtype=amp)
+
+    def bx_infer():
+        predict_hf(hf_x, cross_eval, args.eval_batch_size, pad_id, amp)
+
+    runs = {"a_train": a_train, "b_train": b_train, "c_train": c_train, "a_infer": a_infer, "b_infer": b_infer,
+            "ax_train": ax_train, "bx_train": bx_train, "ax_infer": ax_infer, "bx_infer": bx_infer}
     if args.levers:
         runs.update(lever_runs(args, ours, hf, trainer, train, chosen, evals, a_train, a_infer, b_train, b_infer, device, pad_id, amp))
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -412,11 +457,18 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append(clock() - t0)
     t_bench = time.perf_counter() - t_bench
 
-    rate = {name: [(n_train if "train" in name else n_infer) / s for s in ts] for name, ts in times.items()}
+    def examples(name: str) -> int:
+        if name.startswith(("ax_", "bx_")):
+            return n_cross_train if "train" in name else n_cross_infer
+        return n_train if "train" in name else n_infer
+
+    rate = {name: [examples(name) / s for s in ts] for name, ts in times.items()}
     per_round = {
         "train_vs_hf": [b / a for a, b in zip(times["a_train"], times["b_train"])],
         "infer_vs_hf": [b / a for a, b in zip(times["a_infer"], times["b_infer"])],
         "e2e_vs_pad128": [c / a for a, c in zip(times["a_train"], times["c_train"])],
+        "cross_train_vs_hf": [b / a for a, b in zip(times["ax_train"], times["bx_train"])],
+        "cross_infer_vs_hf": [b / a for a, b in zip(times["ax_infer"], times["bx_infer"])],
     }
     ratios = {k: statistics.median(v) for k, v in per_round.items()}
 
@@ -428,11 +480,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} thread(s)'}, "
           f"{'bf16 autocast in (a), (b) and (c)' if amp else 'float32'}"
           f"{', (a) compiled with torch.compile' if args.torch_compile else ''}")
-    print(f"check: (a) and (b) on the same weights, float32 eval: max |logit difference| {check:.1e}")
+    print(f"check: (a) and (b), (a') and (b') on the same weights, float32 eval: max |logit difference| {check:.1e}")
     print(f"training: batch {args.batch_size} per task, {args.train_batches} step(s) of SST + QQP per round, padded widths "
           + ", ".join(f"{t} {widths[t]} (whole pass: mean {pass_width[t]:.1f})" for t in TASKS)
           + f", (c) {GLUE_LENGTH}; "
-          f"inference: batch {args.eval_batch_size}, {n_infer} dev examples; "
+          f"cross-encoded {CROSS_TASK} (a'), (b'): padded widths {[width(cross_train, b) for b in cross_chosen]} "
+          f"(whole pass: mean {cross_width:.1f}); "
+          f"inference: batch {args.eval_batch_size}, {n_infer} dev examples ({n_cross_infer} cross-encoded); "
           f"{args.repeats} timed rounds after 1 warmup round ({args.timer} time), {t_bench:.0f} s wall")
     print()
     print("\n".join(padding_table(train, args.batch_size, args.seed)))
@@ -443,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| (a) minbert (bucketed batches) | {med['a_train']:.1f} | {med['a_infer']:.1f} |")
     print(f"| (b) transformers.BertModel, same batches | {med['b_train']:.1f} | {med['b_infer']:.1f} |")
     print(f"| (c) run_glue-style, padded to {GLUE_LENGTH} | {med['c_train']:.1f} | - |")
+    print(f"| (a') minbert, {CROSS_TASK} cross-encoded (bucketed joint sequences) | {med['ax_train']:.1f} | "
+          f"{med['ax_infer']:.1f} |")
+    print(f"| (b') transformers.BertModel, same joint sequences | {med['bx_train']:.1f} | {med['bx_infer']:.1f} |")
     print()
     if args.levers:
         print("| lever | training speed-up from it | inference speed-up from it |")
@@ -461,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in per_round.items():
         print(f"{k}: median {ratios[k]:.3f} over {len(v)} rounds (min {min(v):.3f}, max {max(v):.3f})")
     print(f"RATIOS train_vs_hf={ratios['train_vs_hf']:.3f} infer_vs_hf={ratios['infer_vs_hf']:.3f} "
-          f"e2e_vs_pad128={ratios['e2e_vs_pad128']:.3f}")
+          f"e2e_vs_pad128={ratios['e2e_vs_pad128']:.3f} cross_train_vs_hf={ratios['cross_train_vs_hf']:.3f} "
+          f"cross_infer_vs_hf={ratios['cross_infer_vs_hf']:.3f}")
     return 0
 
 
@@ -540,12 +598,12 @@ def lever_runs(args, ours, hf, trainer, train, chosen, evals, a_train, a_infer, 
 
 
 @torch.no_grad()
-def max_logit_difference(ours, hf, train, chosen, pad_id) -> float:
+def max_logit_difference(ours, hf, train, chosen, pad_id, tasks=TASKS) -> float:
     """Outputs of (a) and (b) on the first chosen batch of each task, float32, eval mode."""
     ours.eval(), hf.eval()
     device = next(ours.parameters()).device
     diff = 0.0
-    for t in TASKS:
+    for t in tasks:
         batch = {k: v.to(device) for k, v in train[t].batch(chosen[t][0], pad_id).items()}
         diff = max(diff, (ours(t, batch) - hf(t, batch)).abs().max().item())
     return diff

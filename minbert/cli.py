@@ -56,8 +56,27 @@ def _tasks(text: str) -> list[str]:
     return list(dict.fromkeys(tasks))
 
 
+def _pair_encoding(text: str) -> str:
+    from .multitask import format_pair_encoding, parse_pair_encoding
+
+    try:
+        return format_pair_encoding(parse_pair_encoding(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _bf16(text: str) -> str:
+    from .precision import parse_bf16
+
+    try:
+        return parse_bf16(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def train_parser() -> argparse.ArgumentParser:
     from .heads import STS_HEADS
+    from .precision import DEFAULT_BF16
     from .smart import BREGMAN_BETA, BREGMAN_MU, SMART_EPSILON, SMART_ETA, SMART_LAMBDA, SMART_SIGMA, SMART_STEPS
 
     p = argparse.ArgumentParser(
@@ -82,6 +101,10 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--para_head", choices=("uv", "sbert"), default="sbert",
                    help="paraphrase head features: uv = linear on [u; v] (the report's baseline), "
                         "sbert = linear on [u; v; |u-v|; u*v]")
+    g.add_argument("--pair_encoding", type=_pair_encoding, default="bi", metavar="{bi,cross,qqp=..,sts=..}",
+                   help="how QQP and STS read a sentence pair: bi (each sentence encoded alone, the head compares the "
+                        "two embeddings) or cross (one sequence [CLS] a [SEP] b [SEP], the head reads it pooled, as "
+                        "run_glue does; --sts_head/--para_head then do not apply); per task: qqp=cross,sts=bi")
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", default="data", help="folder holding the CS224N task files")
     g.add_argument("--tasks", type=_tasks, default=list(DEFAULT_TASKS),
@@ -117,10 +140,11 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--logging_steps", type=_positive_int, default=50,
                    help="write the mean losses of the last N steps to metrics.jsonl")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    g.add_argument("--bf16", action="store_true",
+    g.add_argument("--bf16", type=_bf16, nargs="?", const="on", default=DEFAULT_BF16, metavar="{auto,on,off}",
                    help="bfloat16 autocast for forward passes and losses in training and prediction (weights, "
                         "gradients and optimizer state stay float32); about 2x faster on CPUs with AVX512-BF16/AMX "
-                        "(docs/speed.md)")
+                        "(docs/speed.md). --bf16 alone = on; auto = on where the device has native bfloat16 (CUDA "
+                        "with bf16, AVX512-BF16/AMX CPUs) unless --smart")
     g.add_argument("--torch_compile", action="store_true",
                    help="compile the encoder layers with torch.compile (dynamic shapes); the first steps are slow "
                         "while it compiles, and on CPU it needs a C++ compiler")
@@ -192,9 +216,16 @@ def check_train_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
         p.error(f"--sts_head {args.sts_head}: choose from {', '.join(STS_HEADS)}")
     if args.bregman and not args.smart:
         p.error("--bregman is part of SMART: add --smart")
-    if args.smart and getattr(args, "bf16", False):  # bf16 keeps ~3 significant digits of an O(1) embedding
+    if args.smart and getattr(args, "bf16", "off") == "on":  # bf16 keeps ~3 significant digits of an O(1) embedding
         p.error("--smart with --bf16: SMART's perturbation (--smart_epsilon, 1e-5 by default) is below bfloat16's "
                 "resolution and would vanish; run SMART in float32 (drop --bf16)")
+    from .heads import pair_head_conflict
+    from .multitask import parse_pair_encoding
+
+    conflict = pair_head_conflict(parse_pair_encoding(args.pair_encoding), args.tasks,
+                                  {f: (getattr(args, f), p.get_default(f)) for f in ("sts_head", "para_head")})
+    if conflict:
+        p.error(conflict)
     if not 0 <= args.bregman_beta <= 1:
         p.error(f"--bregman_beta {args.bregman_beta}: must be in [0, 1]")
     name = args.model_name_or_path

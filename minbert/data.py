@@ -230,20 +230,45 @@ def load_task(task: str, split: str, data_dir: str | Path, skip_bad_rows: bool =
 
 @dataclass
 class Encoded:
-    """Token ids of one text column of a task split (ragged, unpadded)."""
+    """Token ids of one text column of a task split (ragged, unpadded); ``type_ids`` (segment 0 or 1 of each token)
+    for a pair read as one sequence, None for a single text (all segment 0)."""
     ids: list[list[int]]
+    type_ids: list[list[int]] | None = None
 
     def lengths(self) -> list[int]:
         return [len(x) for x in self.ids]
+
+    def select(self, indices: list[int]) -> "Encoded":
+        """The rows ``indices``, in that order."""
+        types = [self.type_ids[i] for i in indices] if self.type_ids is not None else None
+        return Encoded([self.ids[i] for i in indices], types)
 
 
 def encode_texts(tokenizer: Tokenizer, texts: list[str]) -> Encoded:
     return Encoded([e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=True)])
 
 
+def encode_pairs(tokenizer: Tokenizer, pairs: list[tuple[str, str]]) -> Encoded:
+    """Each pair as one sequence, ``[CLS] a [SEP] b [SEP]`` with token types 0 for a and 1 for b (the tokenizer's
+    pair template, minbert.tokenizer). A pair longer than the tokenizer's limit is cut longest-first: a token comes
+    off the longer sentence until it fits, so neither sentence vanishes."""
+    from .tokenizer import PAIR_SPECIAL_TOKENS, has_pair_template
+
+    limit = (tokenizer.truncation or {}).get("max_length")
+    if limit is not None and limit < PAIR_SPECIAL_TOKENS + 2:
+        raise ValueError(f"--max_seq_length {limit}: a sentence pair read as one sequence (--pair_encoding cross) needs "
+                         f"at least {PAIR_SPECIAL_TOKENS + 2} tokens, [CLS] a [SEP] b [SEP]")
+    if not has_pair_template(tokenizer):
+        raise ValueError("the tokenizer has no [CLS] a [SEP] b [SEP] pair template ([CLS] or [SEP] is missing): "
+                         "it cannot read a pair as one sequence (--pair_encoding cross)")
+    encs = tokenizer.encode_batch(pairs, add_special_tokens=True)
+    return Encoded([e.ids for e in encs], [e.type_ids for e in encs])
+
+
 @dataclass
 class TaskTensors:
-    """A task split ready for batching: one Encoded per text column, labels, ids."""
+    """A task split ready for batching: one Encoded per text column (a single one for a pair read as one
+    sequence), labels, ids."""
     task: TaskSpec
     columns: list[Encoded]
     labels: torch.Tensor | None
@@ -257,18 +282,33 @@ class TaskTensors:
         return [max(ls) for ls in zip(*(c.lengths() for c in self.columns))]
 
     def batch(self, indices: list[int], pad_id: int = 0) -> dict[str, torch.Tensor]:
+        """``input_ids``/``attention_mask`` per column (``_b`` for a pair's second sentence) and
+        ``token_type_ids`` where the column has token types (a cross-encoded pair)."""
         out: dict[str, torch.Tensor] = {}
         for k, col in enumerate(self.columns):
             ids, mask = pad([col.ids[i] for i in indices], pad_id)
             suffix = "" if k == 0 else "_b"
             out["input_ids" + suffix], out["attention_mask" + suffix] = ids, mask
+            if col.type_ids is not None:
+                out["token_type_ids" + suffix] = pad([col.type_ids[i] for i in indices], 0)[0]
         if self.labels is not None:
             out["labels"] = self.labels[indices]
         return out
 
 
-def tensorize(data: TaskData, tokenizer: Tokenizer) -> TaskTensors:
-    columns = [encode_texts(tokenizer, [ex.texts[k] for ex in data.examples]) for k in range(len(data.task.text_columns))]
+PAIR_ENCODINGS = ("bi", "cross")
+
+
+def tensorize(data: TaskData, tokenizer: Tokenizer, pair_encoding: str = "bi") -> TaskTensors:
+    """Tokenize a task split. A pair task is read as two sentences (``bi``: each encoded on its own) or as one
+    joint sequence (``cross``, see :func:`encode_pairs`); ``pair_encoding`` does not apply to single texts."""
+    if pair_encoding not in PAIR_ENCODINGS:
+        raise ValueError(f"unknown pair encoding {pair_encoding!r} (choose from {', '.join(PAIR_ENCODINGS)})")
+    if data.task.is_pair and pair_encoding == "cross":
+        columns = [encode_pairs(tokenizer, [ex.texts for ex in data.examples])]
+    else:
+        columns = [encode_texts(tokenizer, [ex.texts[k] for ex in data.examples])
+                   for k in range(len(data.task.text_columns))]
     labels = None
     if data.has_labels:
         dtype = torch.long if data.task.label_kind == "class" else torch.float32

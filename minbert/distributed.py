@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .data import Encoded, TaskTensors, sorted_batches
+from .data import TaskTensors, sorted_batches
 
 log = logging.getLogger("minbert")
 
@@ -235,7 +235,7 @@ def replica_difference(model: nn.Module) -> float:
 
 def subset(data: TaskTensors, indices: list[int]) -> TaskTensors:
     """The examples ``indices`` of ``data``, in that order."""
-    columns = [Encoded([col.ids[i] for i in indices]) for col in data.columns]
+    columns = [col.select(indices) for col in data.columns]  # a cross-encoded pair keeps its token types
     labels = data.labels[indices] if data.labels is not None else None
     return TaskTensors(data.task, columns, labels, [data.ids[i] for i in indices])
 

@@ -1,4 +1,5 @@
-"""Task heads on pooled sentence embeddings (the CS224N report's baseline, §4.1 and §5.3).
+"""Task heads on pooled sentence embeddings (the CS224N report's baseline, §4.1 and §5.3), and on the pooled joint
+sequence of a cross-encoded pair (run_glue's BertForSequenceClassification).
 
 Each head maps sentence embeddings to an output tensor, and knows its loss, how to turn outputs into
 predictions, and its output kind ("logits" for a softmax over classes, "binary" for one logit, "score" for
@@ -30,13 +31,23 @@ class SSTHead(nn.Module):
         return logits.argmax(-1)
 
 
-class ParaphraseHead(nn.Module):
+class BinaryLogitHead(nn.Module):
+    """Shared by the paraphrase heads: one logit per pair, binary cross-entropy, prediction logit > 0."""
+    kind = "binary"
+
+    def loss(self, logit: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logit, labels.float())
+
+    def predict(self, logit: torch.Tensor) -> torch.Tensor:
+        return (logit > 0).long()
+
+
+class ParaphraseHead(BinaryLogitHead):
     """Paraphrase: one logit from the two sentence embeddings, binary cross-entropy.
 
     ``features="uv"`` is the report's baseline, a linear layer on [u; v]. ``features="sbert"`` uses
     [u; v; |u - v|; u * v] (Reimers & Gurevych 2019, §3 classification objective): a linear layer on [u; v]
     alone cannot compare the two sentences, the element-wise terms can."""
-    kind = "binary"
 
     def __init__(self, hidden: int, dropout: float = 0.1, features: str = "uv"):
         super().__init__()
@@ -49,12 +60,6 @@ class ParaphraseHead(nn.Module):
     def forward(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         x = [u, v] if self.features == "uv" else [u, v, (u - v).abs(), u * v]
         return self.classifier(self.dropout(torch.cat(x, dim=-1))).squeeze(-1)
-
-    def loss(self, logit: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(logit, labels.float())
-
-    def predict(self, logit: torch.Tensor) -> torch.Tensor:
-        return (logit > 0).long()
 
 
 PAIR_FEATURES = {"uv": 2, "sbert": 4}  # name -> number of d-sized blocks
@@ -156,17 +161,79 @@ STS_HEADS: dict[str, type[nn.Module]] = {
 }
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Cross-encoded pairs (--pair_encoding cross): the pair is one sequence [CLS] a [SEP] b [SEP] and attention compares
+# the two sentences token by token inside the encoder, so the head reads one pooled vector of the joint sequence.
+
+
+class CrossParaphraseHead(BinaryLogitHead):
+    """Paraphrase of a cross-encoded pair: dropout + linear on the pooled joint sequence -> one logit, binary
+    cross-entropy. This is run_glue's BertForSequenceClassification (dropout + linear on the pooled output) with
+    one logit instead of a softmax over two classes: a two-class softmax only depends on the difference of its two
+    logits, so one logit is the same model."""
+
+    def __init__(self, hidden: int, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(x)).squeeze(-1)
+
+
+class CrossSTSHead(ScoreRegressionHead):
+    """Similarity of a cross-encoded pair: dropout + linear on the pooled joint sequence -> the 0..5 score, MSE,
+    predictions clipped to 0..5. This is run_glue's STS-B model, BertForSequenceClassification with num_labels=1
+    (regression, MSE loss)."""
+
+    def __init__(self, hidden: int, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.regressor = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.regressor(self.dropout(x)).squeeze(-1)
+
+
+CROSS_HEADS: dict[str, type[nn.Module]] = {"qqp": CrossParaphraseHead, "sts": CrossSTSHead}
+# The head flag of each pair task, and its value that is a plain linear layer on what the encoder gives (the
+# report's baselines): for a cross-encoded task that is the cross head. The other values compare two sentence
+# embeddings (|u - v|, u * v, cosines), which a pair read as one sequence does not have.
+PAIR_HEAD_FLAGS = {"qqp": ("para_head", "uv"), "sts": ("sts_head", "linear")}
+
+
+def pair_head_conflict(pair_encoding: dict[str, str], tasks, given: dict[str, tuple[str, str]]) -> str | None:
+    """The one-line error for a comparison head asked for a cross-encoded task, else None. ``given`` maps a head
+    flag (``sts_head``, ``para_head``) to (its value, its default): a default value is the bi-encoder's and just
+    does not apply to a cross task; an explicitly chosen comparison head contradicts it."""
+    for task, (flag, linear) in PAIR_HEAD_FLAGS.items():
+        value, default = given[flag]
+        if task in tasks and pair_encoding.get(task) == "cross" and value not in (default, linear):
+            return (f"--{flag} {value} compares two sentence embeddings, but --pair_encoding reads {task} as one "
+                    f"sequence (cross), whose head is a linear layer on the pooled pair; drop --{flag} "
+                    f"(or pass --{flag} {linear}), or encode {task} with bi")
+    return None
+
+
 def build_heads(hidden: int, tasks: list[str], sts_head: str = "linear", dropout: float = 0.1,
-                para_head: str = "uv") -> nn.ModuleDict:
+                para_head: str = "uv", pair_encoding: dict[str, str] | None = None) -> nn.ModuleDict:
+    """One head per task. A pair task in ``pair_encoding`` as ``cross`` gets its cross head (``sts_head`` and
+    ``para_head`` choose the bi-encoder's heads and do not apply to it)."""
+    cross = {t for t, e in (pair_encoding or {}).items() if e == "cross"}
     heads = nn.ModuleDict()
     if "sst" in tasks:
         heads["sst"] = SSTHead(hidden, dropout=dropout)
     if "sst2" in tasks:
         heads["sst2"] = SSTHead(hidden, num_labels=2, dropout=dropout)
-    if "qqp" in tasks:
-        heads["qqp"] = ParaphraseHead(hidden, dropout=dropout, features=para_head)
-    if "sts" in tasks:
-        if sts_head not in STS_HEADS:
-            raise ValueError(f"unknown --sts_head {sts_head!r} (choose from {', '.join(STS_HEADS)})")
-        heads["sts"] = STS_HEADS[sts_head](hidden, dropout=dropout)
+    if sts_head not in STS_HEADS:
+        raise ValueError(f"unknown --sts_head {sts_head!r} (choose from {', '.join(STS_HEADS)})")
+    for task in ("qqp", "sts"):
+        if task not in tasks:
+            continue
+        if task in cross:
+            heads[task] = CROSS_HEADS[task](hidden, dropout=dropout)
+        elif task == "qqp":
+            heads[task] = ParaphraseHead(hidden, dropout=dropout, features=para_head)
+        else:
+            heads[task] = STS_HEADS[sts_head](hidden, dropout=dropout)
     return heads

@@ -1,4 +1,10 @@
-"""MultitaskBert: one shared encoder, one head per task (SST, QQP, STS)."""
+"""MultitaskBert: one shared encoder, one head per task (SST, QQP, STS).
+
+A pair task (QQP, STS) is read either as two sentences encoded one at a time (``bi``, a siamese bi-encoder: the
+head compares the two pooled embeddings) or as one sequence ``[CLS] a [SEP] b [SEP]`` with token types 0/1
+(``cross``, as BERT reads pairs in run_glue: attention compares the sentences token by token, and the head reads
+the pooled joint sequence). MultitaskConfig.pair_encoding says which, per task.
+"""
 from __future__ import annotations
 
 import json
@@ -9,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import BertConfig
+from .data import PAIR_ENCODINGS, TASKS
 from .heads import build_heads
 from .io import atomic_save, atomic_write_text, published_dir
 from .model import BertModel
@@ -22,6 +29,12 @@ class MultitaskConfig:
     sts_head: str = "linear"
     para_head: str = "uv"
     head_dropout: float = 0.1
+    # pair task -> "bi" or "cross"; a task not listed is "bi" (checkpoints from before cross-encoding have none)
+    pair_encoding: dict[str, str] = field(default_factory=dict)
+
+    def encoding(self, task: str) -> str:
+        """How ``task``'s examples are tokenized: "cross" for a cross-encoded pair task, else "bi"."""
+        return self.pair_encoding.get(task, "bi")
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLING_MODES:
@@ -33,18 +46,29 @@ class MultitaskBert(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.config = config
+        check_pair_encoding(config.pair_encoding)
+        if any(e == "cross" for e in config.pair_encoding.values()) and encoder.config.type_vocab_size < 2:
+            raise ValueError(f"--pair_encoding cross needs token types 0 and 1; the encoder has type_vocab_size "
+                             f"{encoder.config.type_vocab_size}")
         self.heads = build_heads(encoder.config.hidden_size, config.tasks, config.sts_head, config.head_dropout,
-                                 config.para_head)
+                                 config.para_head, config.pair_encoding)
 
     # The forward pass is split at the embedding-layer output so SMART can perturb it (Jiang et al. 2020, §3).
     def embed_inputs(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Embedding-layer outputs of each sentence in the batch (one for SST, two for pair tasks)."""
-        embeds = [self.encoder.embed(batch["input_ids"])]
+        """Embedding-layer outputs of each sequence in the batch: one for SST and for a cross-encoded pair (the
+        joint sequence, with its token types), two for a bi-encoded pair."""
+        embeds = [self.encoder.embed(batch["input_ids"], batch.get("token_type_ids"))]
         if "input_ids_b" in batch:
-            embeds.append(self.encoder.embed(batch["input_ids_b"]))
+            embeds.append(self.encoder.embed(batch["input_ids_b"], batch.get("token_type_ids_b")))
         return embeds
 
     def forward_embedded(self, task: str, embeds: list[torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The head's output from embedding-layer outputs: each sequence is encoded and pooled (a cross-encoded
+        pair once, over both sentences' tokens), then the head reads the pooled vector(s)."""
+        if len(embeds) != (2 if TASKS[task].is_pair and self.config.encoding(task) == "bi" else 1):
+            raise ValueError(f"{task}: the batch holds {len(embeds)} sequence(s) per example but the model reads "
+                             f"{task} {self.config.encoding(task)}-encoded; tokenize it with "
+                             f"tensorize(..., pair_encoding={self.config.encoding(task)!r})")
         masks = [batch["attention_mask"], batch.get("attention_mask_b")]
         pooled = [pool(self.encoder.encode(e, m), m, self.config.pooling) for e, m in zip(embeds, masks)]
         return self.heads[task](*pooled)
@@ -109,6 +133,57 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / "args.json").is_file():
         raise ValueError(f"{path}: a run directory without a best/ checkpoint (the run has not finished an epoch)")
     raise ValueError(f"{path}: not a minbert checkpoint (no multitask.json) nor a run directory with best/")
+
+
+def check_pair_encoding(pair_encoding: dict[str, str]) -> None:
+    """A MultitaskConfig.pair_encoding names pair tasks only, each "bi" or "cross" (one-line ValueError)."""
+    if not isinstance(pair_encoding, dict):
+        raise ValueError(f"pair_encoding must map pair tasks to bi or cross, got {pair_encoding!r}")
+    for task, encoding in pair_encoding.items():
+        if task not in TASKS or not TASKS[task].is_pair:
+            raise ValueError(f"pair_encoding: {task!r} is not a sentence-pair task ({', '.join(PAIR_TASKS)})")
+        if encoding not in PAIR_ENCODINGS:
+            raise ValueError(f"pair_encoding: {task}={encoding!r}: choose {' or '.join(PAIR_ENCODINGS)}")
+
+
+PAIR_TASKS = tuple(t for t, spec in TASKS.items() if spec.is_pair)
+
+
+def parse_pair_encoding(text: str) -> dict[str, str]:
+    """``--pair_encoding``: ``bi`` or ``cross`` for every pair task, or per task, ``qqp=cross,sts=bi`` (a pair task
+    not named stays ``bi``). Returns {pair task: encoding}; a bad value is a one-line ValueError."""
+    text = text.strip()
+    if text in PAIR_ENCODINGS:
+        return {t: text for t in PAIR_TASKS}
+    out = {t: "bi" for t in PAIR_TASKS}
+    named: set[str] = set()
+    for part in text.split(","):
+        task, sep, encoding = (x.strip() for x in part.partition("="))
+        if not sep:
+            raise ValueError(f"{part.strip()!r}: expected bi, cross or TASK=bi|cross,... (e.g. qqp=cross,sts=bi)")
+        if task not in PAIR_TASKS:
+            what = "is not a sentence-pair task" if task in TASKS else "is not a task"
+            raise ValueError(f"{task!r} {what} (pair tasks: {', '.join(PAIR_TASKS)})")
+        if task in named:
+            raise ValueError(f"{task} is given twice")
+        if encoding not in PAIR_ENCODINGS:
+            raise ValueError(f"{task}={encoding!r}: choose {' or '.join(PAIR_ENCODINGS)}")
+        named.add(task)
+        out[task] = encoding
+    return out
+
+
+def pair_encoding_of(args) -> dict[str, str]:
+    """MultitaskConfig.pair_encoding from the training flags: the encoding of each pair task trained."""
+    parsed = parse_pair_encoding(getattr(args, "pair_encoding", None) or "bi")
+    return {t: e for t, e in parsed.items() if t in args.tasks}
+
+
+def format_pair_encoding(pair_encoding: dict[str, str]) -> str:
+    """The canonical --pair_encoding text of a mapping: one word when every pair task has the same encoding."""
+    full = {t: pair_encoding.get(t, "bi") for t in PAIR_TASKS}
+    values = set(full.values())
+    return values.pop() if len(values) == 1 else ",".join(f"{t}={e}" for t, e in full.items())
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

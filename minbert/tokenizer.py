@@ -15,7 +15,8 @@ def load_tokenizer(name_or_path: str | Path, max_seq_length: int | None = None) 
     """Load the tokenizer of a preset or model directory, with built-in padding off and truncation to
     ``max_seq_length`` (None: keep the tokenizer's own truncation, else 128; a checkpoint's tokenizer.json keeps
     its training run's limit, so predictions match). Presets without weights use the embedded encoder's uncased vocabulary. Sentence pairs
-    are encoded as ``[CLS] a [SEP] b [SEP]`` with token types 0/1."""
+    are encoded as ``[CLS] a [SEP] b [SEP]`` with token types 0/1 (a tokenizer.json without that template gets it)
+    and truncated longest-first."""
     name = str(name_or_path)
     directory = resolve_model_dir("minilm-l6" if name in PRESETS else name)
     if (directory / "tokenizer.json").is_file():
@@ -30,8 +31,48 @@ def load_tokenizer(name_or_path: str | Path, max_seq_length: int | None = None) 
     tok.no_padding()  # we pad per batch; the shipped tokenizer.json pads every input to 128
     if max_seq_length is None:
         max_seq_length = (tok.truncation or {}).get("max_length") or 128
-    tok.enable_truncation(max_length=max_seq_length)
+    # A pair read as one sequence (--pair_encoding cross) loses tokens from its longer sentence first, one at a
+    # time, so both sentences keep a share (run_glue's default); a single text is cut at the end either way.
+    tok.enable_truncation(max_length=max_seq_length, strategy="longest_first")
+    if not has_pair_template(tok):
+        _set_bert_template(tok)
     return tok
+
+
+# [CLS] a [SEP] b [SEP]: the pair needs this many tokens of its own to keep at least one of each sentence.
+PAIR_SPECIAL_TOKENS = 3
+
+
+def has_pair_template(tok: Tokenizer) -> bool:
+    """Whether the tokenizer's post-processor encodes a pair as ``[CLS] a [SEP] b [SEP]`` with token types 0
+    (``[CLS] a [SEP]``) and 1 (``b [SEP]``), as BERT was pre-trained to read sentence pairs."""
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    if cls_id is None or sep_id is None:
+        return False
+    truncation = tok.truncation
+    tok.no_truncation()
+    try:
+        e = tok.encode("a", "b")
+    finally:
+        if truncation:
+            tok.enable_truncation(**{k: truncation[k] for k in ("max_length", "stride", "strategy", "direction")})
+    if len(e.ids) < 5 or e.ids[0] != cls_id or e.ids[-1] != sep_id or e.ids.count(sep_id) != 2:
+        return False
+    first_sep = e.ids.index(sep_id)
+    return e.type_ids == [0] * (first_sep + 1) + [1] * (len(e.ids) - first_sep - 1)
+
+
+def _set_bert_template(tok: Tokenizer) -> None:
+    """Give a WordPiece tokenizer without a BERT pair template one (a tokenizer.json saved without its
+    post-processor); a tokenizer lacking [CLS] or [SEP] is left as it is (it cannot read pairs as one sequence)."""
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    if cls_id is None or sep_id is None:
+        return
+    tok.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
 
 
 def _wordpiece_from_vocab(vocab_file: Path) -> Tokenizer:
@@ -45,11 +86,7 @@ def _wordpiece_from_vocab(vocab_file: Path) -> Tokenizer:
     tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
+    _set_bert_template(tok)
     return tok
 
 

@@ -32,7 +32,8 @@ from .distributed import predict_task  # under torchrun each rank predicts a sha
 from .io import AppendLog, atomic_save, atomic_write_text, published_dir, remove_stale_temps, replace_dir
 from .metrics import overall_score, task_score
 from .model import BertModel
-from .multitask import MultitaskBert, MultitaskConfig, load_weights
+from .multitask import MultitaskBert, MultitaskConfig, load_weights, pair_encoding_of
+from .precision import resolve_bf16
 from .predict import prediction_path, write_predictions
 from .tokenizer import load_tokenizer, pad_token_id
 
@@ -137,13 +138,16 @@ def load_datasets(args: Namespace, tokenizer, splits: tuple[str, ...]) -> dict[t
 def build_model(args: Namespace) -> MultitaskBert:
     encoder = BertModel.from_pretrained(args.model_name_or_path)
     config = MultitaskConfig(tasks=list(args.tasks), pooling=args.pooling, sts_head=args.sts_head,
-                             para_head=args.para_head)
+                             para_head=args.para_head, pair_encoding=pair_encoding_of(args))
     return MultitaskBert(encoder, config)
 
 
 def amp_dtype(args: Namespace) -> torch.dtype | None:
-    """--bf16: bfloat16 autocast for forward passes and losses (weights, gradients and optimizer state stay float32)."""
-    return torch.bfloat16 if getattr(args, "bf16", False) else None
+    """--bf16: bfloat16 autocast for forward passes and losses (weights, gradients and optimizer state stay float32).
+    run() resolves ``auto`` before training; here it is resolved for the device --device names."""
+    mode = getattr(args, "bf16", "off")
+    device = resolve_device(getattr(args, "device", "cpu")) if mode == "auto" else torch.device("cpu")
+    return torch.bfloat16 if resolve_bf16(mode, device, getattr(args, "smart", False)) == "on" else None
 
 
 def compile_encoder(model: MultitaskBert, device: torch.device) -> None:
@@ -681,6 +685,7 @@ def run(args: Namespace) -> dict[str, float]:
     Under torchrun (WORLD_SIZE > 1) every process runs it: data parallel over the ranks, rank 0 alone writes
     (minbert.distributed, docs/distributed.md)."""
     device = distributed.init(resolve_device(args.device))  # torchrun: join the process group; cuda:LOCAL_RANK
+    args.bf16 = resolve_bf16(getattr(args, "bf16", "off"), device, getattr(args, "smart", False))  # auto -> on/off
     resume_from = distributed.on_main(check_output_dir, args)  # a taken --output_dir is refused before any work
     set_seed(args.seed)
     source = args.checkpoint if args.predict_only else args.model_name_or_path
@@ -701,7 +706,7 @@ def run(args: Namespace) -> dict[str, float]:
         compile_encoder(model, device)
 
     t_start = time.perf_counter()
-    tensors = {key: tensorize(d, tokenizer) for key, d in data.items()}
+    tensors = {key: tensorize(d, tokenizer, model.config.encoding(key[0])) for key, d in data.items()}
     trainer = None
     if not args.predict_only:  # built before the output dir exists: an optimizer that cannot fit leaves nothing behind
         train = {t: tensors[(t, "train")] for t in args.tasks}
@@ -729,7 +734,7 @@ def run(args: Namespace) -> dict[str, float]:
         metrics.write(final=True, dev=scores, wall_seconds=wall)
     finally:
         metrics.close()
-    results = {"dev": scores, "wall_seconds": round(wall, 1), "predictions": str(pred_dir),
+    results = {"dev": scores, "wall_seconds": round(wall, 1), "bf16": args.bf16, "predictions": str(pred_dir),
                "checkpoint": str(out / "best") if not args.predict_only else args.checkpoint}
     if not distributed.is_main():
         return scores

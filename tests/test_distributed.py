@@ -47,7 +47,7 @@ def common(data_dir: Path, out: Path, batch: int) -> list[str]:
             "--save_steps", "0", "--warmup_ratio", "0", "--learning_rate", "1e-3", "--device", "cpu", "--seed", "3",
             # Adam's eps raised from 1e-8: an update g / (sqrt(v) + eps) of a gradient near 0 turns float rounding
             # into differences of up to lr; with eps 1e-3 the updates differ as little as the gradients do.
-            "--optim_args", "eps: 1e-3"]
+            "--optim_args", "eps: 1e-3", "--bf16", "off"]  # compared to float rounding: float32 whatever the default
 
 
 def without_dropout(build_model):

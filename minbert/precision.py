@@ -1,0 +1,72 @@
+"""bfloat16 autocast where the hardware computes in bfloat16 natively: ``--bf16 auto|on|off``.
+
+``on`` runs forward passes and losses under ``torch.autocast(dtype=torch.bfloat16)`` (weights, gradients and
+optimizer state stay float32); ``off`` is float32 throughout; ``auto`` is ``on`` where the device has native
+bfloat16 arithmetic (see :func:`native_bf16`) and ``off`` elsewhere, where autocast would emulate bfloat16 and
+be slower than float32. A run resolves ``auto`` once, before it writes args.json, so args.json and results.json
+say what the run did.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+BF16_MODES = ("auto", "on", "off")
+# What --bf16 means when not given. "off" until the main job has been measured in float32 and bfloat16 with the
+# same seed (issue #13 §2: bfloat16 becomes the default where native only if it costs nothing measurable).
+DEFAULT_BF16 = "off"
+# /proc/cpuinfo flags of native bfloat16 arithmetic: x86 AVX512-BF16 and AMX-BF16, Arm's BF16 extension.
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The feature flags of the first CPU in ``cpuinfo`` (x86 ``flags``, Arm ``Features``); empty if unreadable."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def native_bf16(device: torch.device, cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether ``device`` computes in bfloat16 natively: a CUDA GPU with bfloat16 support that is not emulated
+    (Ampere and newer), or a CPU with AVX512-BF16, AMX-BF16 or Arm BF16 instructions. torch's own CPU checks
+    (cpuinfo, used by its kernels) are asked first; /proc/cpuinfo covers builds or CPUs they miss."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return False
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    for check in checks:
+        try:
+            if check is not None and check():
+                return True
+        except RuntimeError:  # a torch built without cpuinfo
+            pass
+    return bool(cpu_flags(cpuinfo) & set(NATIVE_BF16_CPU_FLAGS))
+
+
+def resolve_bf16(mode: str | bool | None, device: torch.device, smart: bool = False) -> str:
+    """``on`` or ``off`` for a --bf16 value on ``device``. ``auto`` stays float32 with SMART, whose 1e-5
+    perturbation is below bfloat16's resolution (an explicit ``on`` with SMART is refused by the CLI)."""
+    if mode in (True, "on"):
+        return "on"
+    if mode in (False, None, "off"):
+        return "off"
+    if mode == "auto":
+        return "on" if not smart and native_bf16(device) else "off"
+    raise ValueError(f"--bf16 {mode}: choose {', '.join(BF16_MODES)}")
+
+
+def parse_bf16(text: str) -> str:
+    """--bf16's value: auto, on or off (true/false, as an args.json of an older run holds, mean on/off)."""
+    value = str(text).strip().lower()
+    value = {"true": "on", "false": "off"}.get(value, value)
+    if value not in BF16_MODES:
+        raise ValueError(f"{text!r}: choose {', '.join(BF16_MODES)}")
+    return value

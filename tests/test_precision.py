@@ -1,0 +1,111 @@
+"""--bf16 auto|on|off: native bfloat16 detection, resolution, the flag, and the resolved value in args.json."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from minbert import precision
+from minbert.cli import check_train_args, train_parser
+from minbert.precision import DEFAULT_BF16, cpu_flags, native_bf16, parse_bf16, resolve_bf16
+
+from .conftest import ROOT
+
+X86 = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 {extra}\n\nprocessor\t: 1\nflags\t: fpu\n"
+ARM = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd {extra}\n"
+
+
+@pytest.fixture
+def no_torch_cpu_checks(monkeypatch):
+    """Only /proc/cpuinfo decides (torch's own checks say no)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+
+
+@pytest.mark.parametrize("text,native", [
+    (X86.format(extra="avx512f avx512_bf16"), True),
+    (X86.format(extra="amx_bf16 amx_tile"), True),
+    (X86.format(extra="avx512f avx512bw"), False),  # AVX-512 alone: bfloat16 is emulated
+    (ARM.format(extra="sve bf16"), True),
+    (ARM.format(extra="sve"), False),
+    ("", False),
+])
+def test_native_bf16_from_cpuinfo(tmp_path, no_torch_cpu_checks, text, native):
+    path = tmp_path / "cpuinfo"
+    path.write_text(text)
+    assert native_bf16(torch.device("cpu"), cpuinfo=path) is native
+
+
+def test_cpu_flags_reads_the_first_cpu_and_survives_a_missing_file(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(X86.format(extra="avx512_bf16"))
+    assert cpu_flags(path) == {"fpu", "sse2", "avx2", "avx512_bf16"}
+    assert cpu_flags(tmp_path / "missing") == set()
+
+
+def test_torch_cpu_check_counts(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert native_bf16(torch.device("cpu"), cpuinfo=tmp_path / "missing")
+
+
+def test_cuda_asks_torch_without_emulation(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: calls.append(including_emulation) or False)
+    assert not native_bf16(torch.device("cuda"))
+    assert calls == [False]
+
+
+def test_resolve(monkeypatch):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    cpu = torch.device("cpu")
+    assert [resolve_bf16(m, cpu) for m in ("auto", "on", "off", True, False)] == ["on", "on", "off", "on", "off"]
+    assert resolve_bf16("auto", cpu, smart=True) == "off"  # SMART's 1e-5 perturbation needs float32
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    assert resolve_bf16("auto", cpu) == "off" and resolve_bf16("on", cpu) == "on"
+    with pytest.raises(ValueError, match="choose auto, on, off"):
+        resolve_bf16("half", cpu)
+    assert parse_bf16("True") == "on" and parse_bf16("false") == "off" and parse_bf16(" AUTO ") == "auto"
+
+
+def test_flag_forms():
+    p = train_parser()
+    assert p.parse_args([]).bf16 == DEFAULT_BF16 == "off"  # the lead switches it to "auto" after measuring
+    assert p.parse_args(["--bf16"]).bf16 == "on"
+    assert p.parse_args(["--bf16", "--tasks", "sst"]).bf16 == "on"
+    assert p.parse_args(["--bf16", "auto"]).bf16 == "auto"
+    assert p.parse_args(["--bf16=off"]).bf16 == "off"
+    args = p.parse_args(["--data_dir", str(ROOT / "data"), "--smart", "--bf16", "auto"])
+    check_train_args(p, args)  # auto with SMART: resolved to off, not refused
+
+
+def test_bad_value_is_one_line(capsys):
+    from minbert.cli import train_main
+
+    from .test_cli_errors import usage_error
+
+    assert usage_error(train_main, ["--data_dir", str(ROOT / "data"), "--bf16", "half"], capsys) == (
+        "argument --bf16: 'half': choose auto, on, off")
+
+
+def test_config_file_of_an_older_run_with_a_boolean(tmp_path):
+    from minbert.cli import apply_config_file
+
+    (tmp_path / "args.json").write_text(json.dumps({"bf16": True}))
+    p = train_parser()
+    apply_config_file(p, ["--config", str(tmp_path / "args.json")])
+    assert p.parse_args([]).bf16 == "on"
+
+
+def test_auto_is_resolved_before_args_json(small_data, tmp_path, monkeypatch, one_thread):
+    from minbert.cli import train_main
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    argv = ["--model_name_or_path", "bert-tiny", "--data_dir", str(small_data), "--output_dir", str(tmp_path),
+            "--tasks", "sst", "--max_train_samples", "8", "--max_eval_samples", "4", "--num_train_epochs", "1",
+            "--max_seq_length", "16", "--bf16", "auto"]
+    assert train_main(argv) == 0
+    assert json.loads((tmp_path / "args.json").read_text())["bf16"] == "off"
+    assert json.loads((tmp_path / "results.json").read_text())["bf16"] == "off"
