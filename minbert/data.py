@@ -143,6 +143,8 @@ def split_record(line: str) -> list[str]:
         if "expected after" in message:
             raise ValueError('text after the closing quote of a quoted field; a field that starts with a quote '
                              'must end with one (double the quotes inside it: "a ""b"" c")') from None
+        if "field limit" in message:
+            raise ValueError(f"a field longer than {csv.field_size_limit()} characters (a damaged file?)") from None
         raise ValueError(f"malformed row: {message}") from None
 
 
