@@ -1,19 +1,23 @@
 """Readers for the CS224N task files, tokenization, and length-bucketed batching.
 
 Files are tab-separated with a header row; columns are found by header name (the first column is an unnamed
-row index; the SST test file has two). Every problem is reported as ``file:line: what is wrong``; with
-``skip_bad_rows`` malformed rows are skipped and counted instead (never guessed).
+row index; the SST test file has two). Every line is one record: a field may be quoted (``"a ""b"" c"``, as the
+QQP and STS files do), but a quoted field never runs on into the next line. Every problem is reported as
+``file:line: what is wrong``; with ``skip_bad_rows`` malformed rows are skipped and counted instead (never
+guessed). What a row must satisfy is checked here and nowhere else (:func:`read_task_file`).
 """
 from __future__ import annotations
 
 import csv
-import io
 import math
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
+
+from .io import DataError, read_text_file
 
 SPLITS = ("train", "dev", "test")
 
@@ -69,10 +73,6 @@ TASKS: dict[str, TaskSpec] = {
 DEFAULT_TASKS = ("sst", "qqp", "sts")
 
 
-class DataError(ValueError):
-    """A problem with an input file; the message is one line, ``file:line: problem``."""
-
-
 def shorten(text: str, limit: int = 40) -> str:
     """``repr`` of a value quoted in an error message, cut to ``limit`` characters (fields can be huge)."""
     return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
@@ -93,6 +93,7 @@ class TaskData:
     path: Path
     examples: list[Example]
     skipped: list[str] = field(default_factory=list)  # "file:line: problem" of each skipped row
+    skipped_ids: set[str] = field(default_factory=set)  # the ids of skipped rows, where the id itself was usable
     dropped: int = 0  # rows outside a derived task by definition (TaskSpec.label_map), e.g. SST-2's neutral rows
 
     @property
@@ -100,37 +101,77 @@ class TaskData:
         return bool(self.examples) and self.examples[0].label is not None
 
 
-def read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """Read a tab-separated file as (header, [(line number, fields)]). Whole-file problems raise DataError."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: invalid UTF-8") from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    # Lines end at "\n" only, so line numbers are those of editors and grep -n; a "\r" before it is dropped
-    # by the csv module, a lone "\r" inside an unquoted field is an error.
-    reader = csv.reader(io.StringIO(text, newline="\n"), delimiter="\t")
-    rows: list[tuple[int, list[str]]] = []
-    start = 1  # the line a record starts on (a quoted field may run over several lines)
-    try:
-        for fields in reader:
-            rows.append((start, fields))
-            start = reader.line_num + 1
-    except csv.Error as e:
-        problem = "carriage return (\\r) inside an unquoted field" if "new-line character" in str(e) else str(e)
-        raise DataError(f"{path}:{start}: {problem}") from None
-    if not rows:
+def read_table(path: Path) -> tuple[list[str], list[tuple[int, str]]]:
+    """Read a tab-separated file as (header fields, [(line number, line)]); blank lines are left out, a
+    ``\r`` before a line's end is dropped. Split a row with :func:`split_record`. Whole-file problems
+    (unreadable, not a regular file, invalid UTF-8, empty, bad header) raise DataError."""
+    text = read_text_file(path)
+    # Lines end at "\n" only, so line numbers are those of editors and grep -n (str.splitlines would also
+    # split at form feeds and other separators).
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
         raise DataError(f"{path}:1: empty file (expected a header row)")
-    (_, header), body = rows[0], rows[1:]
-    return header, [(n, f) for n, f in body if f]  # csv yields [] for blank lines
+    try:
+        header = split_record(lines[0])
+    except ValueError as e:
+        raise DataError(f"{path}:1: header row: {e}") from None
+    named: dict[str, int] = {}
+    for i, name in enumerate(header):
+        if name and name in named:  # the first would win silently: refuse
+            raise DataError(f"{path}:1: column {shorten(name)} appears twice (columns {named[name] + 1} and {i + 1})")
+        named[name] = i
+    return header, [(n, line) for n, line in enumerate(lines[1:], start=2) if line]
+
+
+def split_record(line: str) -> list[str]:
+    """The tab-separated fields of one line (one record). A field may be quoted with doubled inner quotes; a
+    quote that opens a field and is not closed on the same line (a stray ``"``, which would swallow the
+    following rows), or text after a closing quote, raises ValueError."""
+    if "\x00" in line:  # the shipped files have none: a sign of a damaged file
+        raise ValueError("NUL byte in the row")
+    try:
+        return next(csv.reader([line], delimiter="\t", strict=True), [])
+    except csv.Error as e:
+        message = str(e)
+        if "new-line" in message:
+            raise ValueError("carriage return (\\r) inside an unquoted field") from None
+        if "unexpected end of data" in message:
+            raise ValueError('a field opens with a quote (") that is not closed on this line; quote the whole '
+                             'field and double the quotes inside it ("a ""b"" c"), or remove the stray quote') from None
+        if "expected after" in message:
+            raise ValueError('text after the closing quote of a quoted field; a field that starts with a quote '
+                             'must end with one (double the quotes inside it: "a ""b"" c")') from None
+        if "field limit" in message:
+            raise ValueError(f"a field longer than {csv.field_size_limit()} characters (a damaged file?)") from None
+        raise ValueError(f"malformed row: {message}") from None
+
+
+_UNSEEN = {"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp", "Mn", "Me"}  # control, format (zero-width), unassigned,
+# separators, and marks that combine with a preceding character: text made only of these shows nothing
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` has nothing to read: empty, spaces, or only control, zero-width or combining characters
+    (the tokenizer's normalizer strips all of them; the model would see ``[CLS] [SEP]``)."""
+    return all(ch.isspace() or unicodedata.category(ch) in _UNSEEN for ch in text)
+
+
+def id_problem(ex_id: str) -> str | None:
+    """What makes ``ex_id`` (already stripped) unusable as an example id, or None. Ids are written into the
+    ``id , value`` prediction files and read back by evaluate.py, so an id must survive that format: no comma,
+    no line break, tab or other control or invisible character, no leading or trailing space."""
+    if not ex_id:
+        return "empty id"
+    if "," in ex_id:
+        return f"id {shorten(ex_id)} contains a comma (prediction files are 'id , value' lines)"
+    bad = next((ch for ch in ex_id if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp")), None)
+    if bad is not None:
+        return f"id {shorten(ex_id)} contains the control or invisible character U+{ord(bad):04X}"
+    if ex_id != ex_id.strip():
+        return f"id {shorten(ex_id)} has leading or trailing spaces"
+    return None
 
 
 def _column(path: Path, header: list[str], name: str) -> int:
@@ -178,23 +219,30 @@ def read_task_file(spec: TaskSpec, path: str | Path, split: str, skip_bad_rows: 
     label_col = None
     if split != "test" or spec.label_column in header:
         label_col = _column(path, header, spec.label_column)
+    named = [i for i, name in enumerate(header) if name]
     data = TaskData(spec, split, path, [])
     seen: dict[str, int] = {}
-    for line, fields in rows:
+    for line, text in rows:
+        ex_id = None
         try:
+            fields = split_record(text)
             if len(fields) != len(header):
                 raise ValueError(f"expected {len(header)} tab-separated fields, found {len(fields)}")
-            if any("\x00" in f for f in fields):  # the shipped files have none: a sign of a damaged file
-                raise ValueError("NUL byte in the row")
+            if all(fields[i].strip() == header[i] for i in named):
+                raise ValueError("the header row again (two files joined?)")
+            problem = id_problem(fields[id_col].strip())
+            if problem:
+                raise ValueError(problem)
             ex_id = fields[id_col].strip()
-            if not ex_id:
-                raise ValueError("empty id")
             if ex_id in seen:
                 raise ValueError(f"duplicate id {shorten(ex_id)} (first on line {seen[ex_id]})")
             texts = tuple(fields[c] for c in text_cols)
             for name, t in zip(spec.text_columns, texts):
                 if not t.strip():
                     raise ValueError(f"empty {name}")
+                if is_blank(t):
+                    raise ValueError(f"{name} {shorten(t)} has only invisible characters (control, zero-width, "
+                                     "combining or space)")
             label = _parse_label(spec, fields[label_col]) if label_col is not None else None
         except LabelRangeError as e:
             raise DataError(f"{path}:{line}: {e}") from None
@@ -202,6 +250,8 @@ def read_task_file(spec: TaskSpec, path: str | Path, split: str, skip_bad_rows: 
             if not skip_bad_rows:
                 raise DataError(f"{path}:{line}: {e} (use --skip_bad_rows to skip such rows)") from None
             data.skipped.append(f"{path}:{line}: {e}")
+            if ex_id is not None and ex_id not in seen:
+                data.skipped_ids.add(ex_id)
             continue
         seen[ex_id] = line  # a dropped row's id still counts: a duplicate of it is an error
         if label is not None and spec.label_map is not None:
@@ -211,7 +261,9 @@ def read_task_file(spec: TaskSpec, path: str | Path, split: str, skip_bad_rows: 
                 continue
         data.examples.append(Example(ex_id, texts, label, line))
     if not data.examples:
-        raise DataError(f"{path}:{len(rows) + 1}: no usable rows")
+        last = rows[-1][0] + 1 if rows else 2
+        raise DataError(f"{path}:{last}: no usable rows" + (f" ({len(data.skipped)} skipped, e.g. {data.skipped[0]})"
+                                                            if data.skipped else ""))
     return data
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tokenizers import Tokenizer
 from .io import atomic_save, atomic_write_text
 from .model import to_hf_state_dict
 from .multitask import MultitaskBert, resolve_checkpoint
+from .tokenizer import read_tokenizer_json
 
 HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "tokenizer_config.json")
 HEAD_FILES = ("heads.safetensors", "multitask.json")
@@ -78,12 +80,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool =
         raise ValueError(f"--out {out} exists and is not empty; pass --overwrite to replace its files")
 
     model = MultitaskBert.load(checkpoint)
-    if not (checkpoint / "tokenizer.json").is_file():
+    if not os.path.lexists(checkpoint / "tokenizer.json"):
         raise ValueError(f"{checkpoint}: no tokenizer.json (a checkpoint saved without its tokenizer)")
-    try:
-        tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-        raise ValueError(f"{checkpoint / 'tokenizer.json'}: cannot read tokenizer: {e}") from None
+    tokenizer = read_tokenizer_json(checkpoint / "tokenizer.json")
     # The checkpoint keeps the training run's truncation (--max_seq_length); a released tokenizer should not.
     tokenizer.no_truncation()
     tokenizer.no_padding()

@@ -1,22 +1,139 @@
-"""Atomic file writes: write a temporary file in the same directory, flush, fsync, rename.
+"""File input and output: safe reads of user files, atomic writes.
 
-A kill during a write leaves the previous file intact (rename is atomic on POSIX within one file system).
-Checkpoint directories are written whole beside the old one and swapped in (:func:`replace_dir`); the
-append-only metrics log writes each record with one ``write`` call and drops a torn last line on reopening
-(:class:`AppendLog`).
+Reads: every input file (task data, predictions, configs, vocabularies, weights) is opened through
+:func:`open_regular_file`, which refuses a FIFO, device, socket or directory *before* reading (a FIFO would block
+forever waiting for a writer) and names a broken symbolic link as such; text files are decoded by
+:func:`read_text_file` (UTF-8, an optional BOM dropped, a decoding error named by file and line).
+
+Writes: write a temporary file in the same directory, flush, fsync, rename. A kill during a write leaves the
+previous file intact (rename is atomic on POSIX within one file system). Checkpoint directories are written whole
+beside the old one and swapped in (:func:`replace_dir`); the append-only metrics log writes each record with one
+``write`` call and drops a torn last line on reopening (:class:`AppendLog`).
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, TextIO
+from typing import BinaryIO, Callable, Iterator, TextIO
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+PUBLISHED_MODE = 0o666 & ~_UMASK  # what open() would give a new file: every published file gets it
 TEMP_SUFFIX = ".tmp"  # temporary files are ".<name>.<random>.tmp" beside their target
+BOM = "\ufeff"
+
+
+class DataError(ValueError):
+    """A problem with an input file; the message is one line, ``file:line: problem`` (or ``file: problem``)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading user files
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(mode: int) -> str:
+    return next((kind for test, kind in _KINDS if test(mode)), "not a regular file")
+
+
+def _missing(path: Path) -> DataError:
+    if os.path.islink(path):
+        return DataError(f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)")
+    return DataError(f"{path}: file not found")
+
+
+def check_regular_file(path: str | Path) -> Path:
+    """``path`` if it is (a symbolic link to) a regular file, else a one-line DataError saying what it is.
+    For readers that open the file by name themselves (safetensors, torch.load): call it just before."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise _missing(path) from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path}: is {_not_regular(mode)}, not a regular file")
+    return path
+
+
+def open_regular_file(path: str | Path) -> BinaryIO:
+    """Open a regular file for reading (binary). Anything else is refused without blocking: the file is opened
+    with O_NONBLOCK (opening a FIFO does not wait for a writer) and checked with fstat on the open descriptor
+    (no window between the check and the read)."""
+    path = Path(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise _missing(path) from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise DataError(f"{path}: is {_not_regular(mode)}, not a regular file")
+        if flags & getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bytes_file(path: str | Path) -> bytes:
+    try:
+        with open_regular_file(path) as f:
+            return f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file's content, without a leading byte order mark (editors on Windows write one).
+    Invalid UTF-8 is a DataError naming the file and line."""
+    raw = read_bytes_file(path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: invalid UTF-8 (byte {raw[e.start]:#04x})") from None
+    return text[1:] if text.startswith(BOM) else text
+
+
+def read_json_file(path: str | Path):
+    """A JSON file's value; a syntax error is a DataError naming the file and line."""
+    text = read_text_file(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise DataError(f"{path}: invalid JSON: nested too deeply") from None
+
+
+def load_safetensors(path: str | Path, device: str = "cpu") -> dict:
+    """A safetensors file's tensors (the one loader of weights files); anything unreadable is one line naming
+    the file."""
+    from safetensors.torch import load_file
+
+    check_regular_file(path)  # safetensors opens by name: a FIFO would block it
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors raises its own error types (SafetensorError, and others on bad headers)
+        problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: cannot read safetensors file: {problem}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Atomic writes
 
 
 @contextlib.contextmanager
@@ -25,13 +142,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; published files get the usual permissions
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             f.flush()
+            # mkstemp creates 0600, and a writer may replace the temporary file with its own (safetensors
+            # does, again 0600): set the usual permissions on whatever is there now, just before publishing.
+            os.fchmod(f.fileno(), PUBLISHED_MODE)
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)

@@ -14,11 +14,21 @@ def accuracy(pred, gold) -> float:
     return float((pred == gold).mean())
 
 
+def is_constant(values) -> bool:
+    """All values equal (or fewer than two): Pearson r is undefined. Compared exactly: the standard deviation
+    of equal floats can come out as 1e-17 instead of 0, and scipy then returns NaN."""
+    values = np.asarray(values, dtype=np.float64)
+    return values.size < 2 or bool((values == values[0]).all())
+
+
 def pearson(pred, gold) -> float:
+    """Pearson r; 0.0 where it is undefined (constant predictions or gold scores: a constant predictor carries
+    no correlation; evaluate.py says so with a warning). Never NaN for finite inputs."""
     pred, gold = np.asarray(pred, dtype=np.float64), np.asarray(gold, dtype=np.float64)
-    if pred.std() == 0 or gold.std() == 0:  # undefined; a constant predictor carries no correlation
+    if is_constant(pred) or is_constant(gold):
         return 0.0
-    return float(pearsonr(pred, gold).statistic)
+    r = float(pearsonr(pred, gold).statistic)
+    return r if math.isfinite(r) else 0.0
 
 
 def task_score(task: str, pred, gold) -> float:

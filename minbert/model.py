@@ -10,6 +10,7 @@ layout are converted on load (``from_hf_state_dict``) and back on export (``to_h
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PRESETS, BertConfig
+from .io import check_regular_file, load_safetensors
 
 log = logging.getLogger("minbert")
 
@@ -191,13 +193,17 @@ class BertModel(nn.Module):
             return cls(config)
         config = BertConfig.from_json(directory / "config.json")
         config.add_pooling_layer = add_pooling_layer
+        weights_file, hf_state = load_state_dict_file(directory)  # read (and its shapes checked) before allocating
+        check_hf_shapes(hf_state, config, str(weights_file))
         model = cls(config)
-        model.load_hf_state_dict(load_state_dict_file(directory), source=str(directory))
+        model.load_hf_state_dict(hf_state, source=str(weights_file))
         return model
 
     def load_hf_state_dict(self, hf_state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Load Hugging Face BertModel weights (``bert.``-prefixed or bare keys); missing weights are errors,
-        unexpected ones a warning, a missing pooler is freshly initialized with a warning."""
+        unexpected ones a warning, a missing pooler is freshly initialized with a warning. A tensor whose shape
+        differs from the config's is a one-line error naming ``source`` and the tensor's key."""
+        check_hf_shapes(hf_state, self.config, source)
         state, unexpected = from_hf_state_dict(hf_state, self.config.num_hidden_layers)
         own = self.state_dict()
         missing = sorted(k for k in own if k not in state)
@@ -229,14 +235,53 @@ _HF_EMB = {"word_embeddings": "word", "position_embeddings": "position", "token_
 _IGNORED = re.compile(r"^(embeddings\.position_ids|cls\.|.*\.num_batches_tracked$)")
 
 
+def _bare_hf_key(key: str) -> str:
+    """A Hugging Face key without the ``bert.`` prefix, with TF-era LayerNorm names (gamma/beta) renamed."""
+    k = key[len("bert."):] if key.startswith("bert.") else key
+    return re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k))
+
+
+def hf_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every Hugging Face BertModel tensor (bare keys) that ``config`` describes, computed from the
+    config alone (nothing allocated)."""
+    h, i = config.hidden_size, config.intermediate_size
+    out = {"embeddings.word_embeddings.weight": (config.vocab_size, h),
+           "embeddings.position_embeddings.weight": (config.max_position_embeddings, h),
+           "embeddings.token_type_embeddings.weight": (config.type_vocab_size, h),
+           "pooler.dense.weight": (h, h), "pooler.dense.bias": (h,)}
+    per_layer = {"attention.self.query": (h, h), "attention.self.key": (h, h), "attention.self.value": (h, h),
+                 "attention.output.dense": (h, h), "intermediate.dense": (i, h), "output.dense": (h, i)}
+    for n in range(config.num_hidden_layers):
+        for name, shape in per_layer.items():
+            out[f"encoder.layer.{n}.{name}.weight"], out[f"encoder.layer.{n}.{name}.bias"] = shape, shape[:1]
+        for name in ("attention.output.LayerNorm", "output.LayerNorm"):
+            out[f"encoder.layer.{n}.{name}.weight"] = out[f"encoder.layer.{n}.{name}.bias"] = (h,)
+    out["embeddings.LayerNorm.weight"] = out["embeddings.LayerNorm.bias"] = (h,)
+    return out
+
+
+def check_hf_shapes(hf: dict[str, torch.Tensor], config: BertConfig, source: str) -> None:
+    """Every known tensor of ``hf`` is floating-point with the shape ``config`` gives it, else one line naming
+    ``source`` and the key."""
+    expected = hf_shapes(config)
+    for key, value in hf.items():
+        want = expected.get(_bare_hf_key(key))
+        if want is None:
+            continue
+        if tuple(value.shape) != want:
+            raise ValueError(f"{source}: tensor {key} has shape {tuple(value.shape)}, the config gives "
+                             f"{want} (weights of another model size?)")
+        if not value.is_floating_point():
+            raise ValueError(f"{source}: tensor {key} has dtype {value.dtype}, not a floating-point type")
+
+
 def from_hf_state_dict(hf: dict[str, torch.Tensor], num_layers: int) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Convert Hugging Face BertModel keys to ours. Returns (state, unexpected HF keys)."""
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[int, str, str], torch.Tensor] = {}
     unexpected: list[str] = []
     for key, value in hf.items():
-        k = key[len("bert."):] if key.startswith("bert.") else key
-        k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k))
+        k = _bare_hf_key(key)
         if _IGNORED.match(k):
             if k.startswith("cls."):
                 unexpected.append(key)
@@ -297,33 +342,31 @@ def resolve_model_dir(name_or_path: str | Path) -> Path | None:
     path = Path(name)
     if not path.is_dir():
         raise ValueError(f"{name}: not a preset ({', '.join(PRESETS)}) nor a directory")
-    if not (path / "config.json").is_file():
+    if not os.path.lexists(path / "config.json"):  # one that is there but unreadable is named when it is read
         raise ValueError(f"{path}: no config.json (expected a Hugging Face model directory)")
     return path
 
 
-def load_state_dict_file(directory: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors, else pytorch_model.bin through ``torch.load(weights_only=True)`` (never plain pickle)."""
+def load_state_dict_file(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(file, state dict): model.safetensors, else pytorch_model.bin through ``torch.load(weights_only=True)``
+    (never plain pickle). Whatever stands at either name is read (a FIFO or a broken link is refused)."""
     st, binf = directory / "model.safetensors", directory / "pytorch_model.bin"
-    if st.is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(st)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{st}: cannot read safetensors file: {e}") from None
-    if binf.is_file():
+    if os.path.lexists(st):
+        return st, load_safetensors(st)
+    if os.path.lexists(binf):
         import pickle
 
+        check_regular_file(binf)
         try:
             state = torch.load(binf, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError,
+                KeyError, IndexError, UnicodeDecodeError) as e:  # whatever a damaged archive makes torch.load raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"{binf}: refused or unreadable (loaded with weights_only=True): {first}") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
             raise ValueError(f"{binf}: not a state dict of tensors")
-        return state
+        return binf, state
     raise ValueError(f"{directory}: neither model.safetensors nor pytorch_model.bin found")
 
 

@@ -8,7 +8,9 @@ the pooled joint sequence). MultitaskConfig.pair_encoding says which, per task.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -16,10 +18,12 @@ from torch import nn
 
 from .config import BertConfig
 from .data import PAIR_ENCODINGS, TASKS
-from .heads import build_heads
-from .io import atomic_save, atomic_write_text, published_dir
+from .heads import STS_HEADS, build_heads
+from .io import DataError, atomic_save, atomic_write_text, load_safetensors, published_dir, read_json_file
 from .model import BertModel
 from .pooling import POOLING_MODES, pool
+
+PARA_HEADS = ("uv", "sbert")
 
 
 @dataclass
@@ -37,8 +41,38 @@ class MultitaskConfig:
         return self.pair_encoding.get(task, "bi")
 
     def __post_init__(self) -> None:
-        if self.pooling not in POOLING_MODES:
-            raise ValueError(f"unknown pooling {self.pooling!r} (choose from {', '.join(POOLING_MODES)})")
+        """The one place a multitask config is validated (new runs and multitask.json alike)."""
+        if not isinstance(self.tasks, (list, tuple)) or not self.tasks:
+            raise ValueError(f"tasks must be a non-empty list of task names, got {self.tasks!r}")
+        bad = [t for t in self.tasks if not isinstance(t, str) or t not in TASKS]
+        if bad:
+            raise ValueError(f"unknown task {bad[0]!r} in tasks (choose from {', '.join(TASKS)})")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks repeat a task: {self.tasks!r}")
+        for name, value, choices in (("pooling", self.pooling, POOLING_MODES), ("sts_head", self.sts_head, STS_HEADS),
+                                     ("para_head", self.para_head, PARA_HEADS)):
+            if not isinstance(value, str) or value not in choices:
+                raise ValueError(f"unknown {name} {value!r} (choose from {', '.join(choices)})")
+        dropout = self.head_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (math.isfinite(dropout)
+                                                                                       and 0 <= dropout < 1):
+            raise ValueError(f"head_dropout must be a number in [0, 1), got {dropout!r}")
+        check_pair_encoding(self.pair_encoding)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "MultitaskConfig":
+        """Read and validate a ``multitask.json``; every problem is one line naming the file."""
+        path = Path(path)
+        d = read_json_file(path)
+        if not isinstance(d, dict):
+            raise DataError(f"{path}: expected a JSON object, found {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise DataError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(f.name for f in fields(cls))})")
+        try:
+            return cls(**d)
+        except ValueError as e:
+            raise DataError(f"{path}: {e}") from None
 
 
 class MultitaskBert(nn.Module):
@@ -46,7 +80,6 @@ class MultitaskBert(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.config = config
-        check_pair_encoding(config.pair_encoding)
         if any(e == "cross" for e in config.pair_encoding.values()) and encoder.config.type_vocab_size < 2:
             raise ValueError(f"--pair_encoding cross needs token types 0 and 1; the encoder has type_vocab_size "
                              f"{encoder.config.type_vocab_size}")
@@ -101,20 +134,21 @@ class MultitaskBert(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "MultitaskBert":
+        """Load a checkpoint directory written by :meth:`save`. Its configs are validated and the weights file's
+        keys and shapes checked against them; every problem is one line naming the file (and the tensor)."""
         directory = Path(directory)
+        if not directory.is_dir():
+            raise ValueError(f"{directory}: no such checkpoint directory")
         for name in ("model.safetensors", "config.json", "multitask.json"):
-            if not (directory / name).is_file():
+            if not os.path.lexists(directory / name):  # one that is there but unreadable is named when read
                 raise ValueError(f"{directory}: not a minbert checkpoint ({name} is missing)")
         encoder_config = BertConfig.from_json(directory / "config.json")
-        try:
-            mt_config = MultitaskConfig(**json.loads((directory / "multitask.json").read_text(encoding="utf-8")))
-        except (TypeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{directory / 'multitask.json'}: invalid: {e}") from None
+        mt_config = MultitaskConfig.from_json(directory / "multitask.json")
+        weights_file = directory / "model.safetensors"
+        state = load_weights(weights_file, map_location)
         model = cls(BertModel(encoder_config), mt_config)
-        state = load_weights(directory / "model.safetensors", map_location)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{directory}: checkpoint does not match its config (missing {missing}, unexpected {unexpected})")
+        check_state_dict(model, state, weights_file)
+        model.load_state_dict(state)
         return model
 
 
@@ -186,11 +220,23 @@ def format_pair_encoding(pair_encoding: dict[str, str]) -> str:
     return values.pop() if len(values) == 1 else ",".join(f"{t}={e}" for t, e in full.items())
 
 
-def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """A safetensors state dict; an unreadable file is a one-line ValueError naming it."""
-    from safetensors.torch import load_file
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """``state`` has exactly ``model``'s keys, with its shapes; else one line naming ``source`` and a tensor."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        what = f"lacks the tensor {missing[0]}" if missing else f"has the unexpected tensor {unexpected[0]}"
+        raise DataError(f"{source}: {what} ({len(missing)} missing, {len(unexpected)} unexpected): the weights do "
+                        f"not match {source.parent / 'config.json'} and {source.parent / 'multitask.json'}")
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise DataError(f"{source}: tensor {key} has shape {tuple(value.shape)}, the configs give "
+                            f"{tuple(own[key].shape)} (weights of another model size?)")
+        if value.is_floating_point() != own[key].is_floating_point():
+            raise DataError(f"{source}: tensor {key} has dtype {value.dtype}, expected {own[key].dtype}")
 
-    try:
-        return load_file(str(path), device=str(device))
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{path}: cannot read: {e}") from None
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors state dict; an unreadable file is a one-line error naming it."""
+    return load_safetensors(path, str(device))

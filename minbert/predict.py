@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import TASKS, DataError, TaskSpec, TaskTensors, shorten, sorted_batches
-from .io import atomic_open
+from .data import TASKS, DataError, TaskSpec, TaskTensors, id_problem, shorten, sorted_batches
+from .io import atomic_open, read_text_file
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -42,7 +44,13 @@ def format_value(spec: TaskSpec, value) -> str:
 
 
 def write_predictions(path: str | Path, spec: TaskSpec, ids: list[str], preds) -> None:
-    """CS224N layout: header ``id \\t Predicted_X``, then one ``id , value`` line per example."""
+    """CS224N layout: header ``id \\t Predicted_X``, then one ``id , value`` line per example. The task readers
+    refuse ids that this layout cannot carry (:func:`minbert.data.id_problem`); an id from elsewhere is checked
+    here too, before anything is written, so every file written reads back with :func:`read_predictions`."""
+    for i in ids:
+        problem = id_problem(i)
+        if problem:
+            raise ValueError(f"{path}: cannot write the prediction of {shorten(i)}: {problem}")
     with atomic_open(path, newline="\n") as f:
         f.write(f"id \t {spec.prediction_header} \n")
         for i, p in zip(ids, preds):
@@ -61,15 +69,7 @@ def read_predictions(path: str | Path, spec: TaskSpec) -> dict[str, float]:
 def _read_prediction_lines(path: str | Path, spec: TaskSpec) -> tuple[dict[str, float], dict[str, int]]:
     """(id -> value, id -> line number) of a prediction file."""
     path = Path(path)
-    try:
-        raw_bytes = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        text = raw_bytes.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw_bytes[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: invalid UTF-8") from None
+    text = read_text_file(path)  # the same checks as the task files: regular file, UTF-8, a BOM dropped
     # Lines end at "\n" only (str.splitlines would also split at form feeds and other separators, and the
     # line numbers in messages would no longer match the file's).
     lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
@@ -91,8 +91,9 @@ def _read_prediction_lines(path: str | Path, spec: TaskSpec) -> tuple[dict[str, 
         if len(parts) != 2:
             raise DataError(f"{path}:{n}: expected 'id , value', found {len(parts)} comma-separated fields")
         pid, raw = parts[0].strip(), parts[1].strip()
-        if not pid:
-            raise DataError(f"{path}:{n}: empty id")
+        problem = id_problem(pid)
+        if problem:
+            raise DataError(f"{path}:{n}: {problem}")
         if pid in preds:
             raise DataError(f"{path}:{n}: duplicate id {shorten(pid)} (first on line {first_line[pid]})")
         try:
@@ -114,11 +115,23 @@ def _read_prediction_lines(path: str | Path, spec: TaskSpec) -> tuple[dict[str, 
     return preds, first_line
 
 
-def score_prediction_dir(pred_dir: str | Path, data_dir: str | Path, allow_partial: bool = False) -> dict[str, dict[str, float]]:
+def warn(message: str) -> None:
+    """A warning for the person running evaluate.py: one line on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def score_prediction_dir(pred_dir: str | Path, data_dir: str | Path, allow_partial: bool = False,
+                         skip_bad_rows: bool = False) -> dict[str, dict[str, float]]:
     """Check every prediction file present in ``pred_dir`` against its input file (every id exactly once) and
-    score it where gold labels exist. Returns {split: {task: score, "overall": ...}}."""
+    score it where gold labels exist. Returns {split: {task: score, "overall": ...}}.
+
+    Nothing is scored in silence on fewer rows than the gold file has: a malformed gold row is an error, or with
+    ``skip_bad_rows`` a warning that names it (its prediction, if any, is then not scored). A prediction file
+    that is there but cannot be read (a broken symbolic link, a FIFO, a directory) is an error, not "absent".
+    STS Pearson r is undefined when the predictions (or the gold scores) are all equal: it is counted as r = 0,
+    the score of a predictor that carries no information, with a warning naming the file."""
     from .data import load_task
-    from .metrics import overall_score, task_score
+    from .metrics import is_constant, overall_score, task_score
 
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
@@ -128,13 +141,17 @@ def score_prediction_dir(pred_dir: str | Path, data_dir: str | Path, allow_parti
     for split in ("dev", "test"):
         for task, spec in TASKS.items():
             path = prediction_path(pred_dir, task, split)
-            if not path.exists():
+            if not os.path.lexists(path):
                 continue
             found = True
             preds, pred_lines = _read_prediction_lines(path, spec)
-            gold = load_task(task, split, data_dir, skip_bad_rows=True)
+            if not preds:
+                raise DataError(f"{path}:2: no predictions after the header")
+            gold = load_task(task, split, data_dir, skip_bad_rows=skip_bad_rows)
+            for message in gold.skipped:
+                warn(f"{message}: gold row skipped, not scored")
             gold_ids = {ex.id for ex in gold.examples}
-            unknown = [i for i in preds if i not in gold_ids]
+            unknown = [i for i in preds if i not in gold_ids and i not in gold.skipped_ids]
             if unknown:
                 raise DataError(f"{path}: {len(unknown)} id(s) not in {gold.path}, e.g. {shorten(unknown[0])} "
                                 f"({path}:{pred_lines[unknown[0]]})")
@@ -143,11 +160,25 @@ def score_prediction_dir(pred_dir: str | Path, data_dir: str | Path, allow_parti
             if missing:
                 raise DataError(f"{path}: {len(missing)} id(s) of {gold.path} have no prediction, "
                                 f"e.g. {shorten(missing[0].id)} ({gold.path}:{missing[0].line})")
-            if gold.has_labels and examples:
-                results.setdefault(split, {})[task] = task_score(
-                    task, [preds[ex.id] for ex in examples], [ex.label for ex in examples])
+            if not gold.has_labels:
+                continue
+            if not examples:  # allow_partial, and every prediction is of a row of gold.skipped
+                raise DataError(f"{path}: none of its ids has a usable gold row in {gold.path}: nothing to score")
+            if len(examples) < len(gold.examples):  # allow_partial
+                warn(f"{path}: scored on {len(examples)} of the {len(gold.examples)} rows of {gold.path} "
+                     "(--allow_partial)")
+            pred_values, gold_values = [preds[ex.id] for ex in examples], [ex.label for ex in examples]
+            if spec.label_kind == "score" and (is_constant(pred_values) or is_constant(gold_values)):
+                which = "predictions" if is_constant(pred_values) else f"gold scores of {gold.path}"
+                warn(f"{path}: all {len(examples)} {which} are equal: Pearson r is undefined; counted as r = 0 "
+                     "(no correlation)")
+            results.setdefault(split, {})[task] = task_score(task, pred_values, gold_values)
     if not found:
         raise DataError(f"{pred_dir}: no prediction files (expected names like sst-dev-output.csv)")
     for scores in results.values():
         scores["overall"] = overall_score(scores)
+        bad = [k for k, v in scores.items() if not math.isfinite(v)]
+        if bad:  # cannot happen with finite predictions; never let a NaN reach the printed JSON
+            raise DataError(f"{pred_dir}: the {', '.join(bad)} score is not finite")
     return results
+

@@ -1,5 +1,6 @@
 """evaluate.py: scores, JSON output, and file:line errors for bad prediction files."""
 import json
+import re
 import subprocess
 import sys
 
@@ -83,3 +84,83 @@ def test_bad_prediction_files_are_one_line_errors(small_data, tmp_path, name, fn
 def test_empty_prediction_dir(tmp_path, small_data):
     r = _cli("--predictions", str(tmp_path), "--data_dir", str(small_data))
     assert r.returncode != 0 and "no prediction files" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Nothing is scored on fewer rows, or on a different file, than the user thinks.
+
+def _evaluate(capsys, *args):
+    from minbert.cli import evaluate_main
+
+    rc = evaluate_main(list(args))
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_gold_row_with_empty_label_is_an_error_or_a_named_skip(data_copy, tmp_path, capsys):
+    _gold_predictions(data_copy, tmp_path)
+    gold = data_copy / "sts-dev.csv"
+    lines = gold.read_text(encoding="utf-8").split("\n")
+    lines[5] = lines[5].rsplit("\t", 1)[0] + "\t"  # line 6 loses its label
+    gold.write_text("\n".join(lines), encoding="utf-8")
+    rc, out, err = _evaluate(capsys, "--predictions", str(tmp_path), "--data_dir", str(data_copy))
+    assert rc == 1 and err.startswith(f"error: {gold}:6: missing label") and len(err.splitlines()) == 1, err
+    results = score_prediction_dir(tmp_path, data_copy, skip_bad_rows=True)
+    err = capsys.readouterr().err
+    assert f"warning: {gold}:6: missing label: gold row skipped, not scored" in err
+    assert results["dev"]["sts"] == pytest.approx(1.0)  # scored on the 47 other rows, and said so
+
+
+def test_dangling_symlink_prediction_file_is_an_error_not_absent(small_data, tmp_path, capsys):
+    _gold_predictions(small_data, tmp_path)
+    path = tmp_path / "sts-dev-output.csv"
+    path.unlink()
+    path.symlink_to(tmp_path / "elsewhere.csv")
+    rc, out, err = _evaluate(capsys, "--predictions", str(tmp_path), "--data_dir", str(small_data))
+    assert rc == 1 and err == f"error: {path}: broken symbolic link (its target {tmp_path / 'elsewhere.csv'} does not exist)\n"
+
+
+def test_allow_partial_with_header_only_files_says_so(small_data, tmp_path, capsys):
+    _gold_predictions(small_data, tmp_path)
+    for path in tmp_path.iterdir():
+        path.write_text(path.read_text().split("\n")[0] + "\n")
+    rc, out, err = _evaluate(capsys, "--predictions", str(tmp_path), "--data_dir", str(small_data), "--allow_partial")
+    assert rc == 1 and re.fullmatch(r"error: .*-output\.csv:2: no predictions after the header\n", err), err
+
+
+def test_allow_partial_says_how_many_rows_were_scored(small_data, tmp_path, capsys):
+    _gold_predictions(small_data, tmp_path)
+    path = tmp_path / "sst-dev-output.csv"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:11]))
+    rc, out, err = _evaluate(capsys, "--predictions", str(tmp_path), "--data_dir", str(small_data), "--allow_partial")
+    assert rc == 0 and f"warning: {path}: scored on 10 of the 48 rows" in err
+
+
+def test_constant_sts_predictions_warn_and_count_as_zero(small_data, tmp_path, capsys):
+    """Pearson r of constant predictions is undefined: a warning naming the file, r counted as 0 (overall
+    then gets (0 + 1) / 2 for STS), and the JSON stays valid (no NaN)."""
+    _gold_predictions(small_data, tmp_path)
+    ids = [ex.id for ex in load_task("sts", "dev", small_data).examples]
+    for value in (2.5, 0.1):  # 0.1 x 48: numpy's std of equal floats is 1e-17, not 0 (scipy would give NaN)
+        write_predictions(tmp_path / "sts-dev-output.csv", TASKS["sts"], ids, [value] * len(ids))
+        rc, out, err = _evaluate(capsys, "--predictions", str(tmp_path), "--data_dir", str(small_data), "--json")
+        assert rc == 0
+        assert f"warning: {tmp_path / 'sts-dev-output.csv'}: all 48 predictions are equal: Pearson r is undefined" in err
+        dev = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))["dev"]
+        assert dev["sts"] == 0.0 and dev["overall"] == pytest.approx((dev["sst"] + dev["qqp"] + 0.5) / 3)
+
+
+def test_bom_is_accepted_in_prediction_files_like_task_files(small_data, tmp_path):
+    _gold_predictions(small_data, tmp_path)
+    path = tmp_path / "sst-dev-output.csv"
+    before = read_predictions(path, TASKS["sst"])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert read_predictions(path, TASKS["sst"]) == before
+    assert score_prediction_dir(tmp_path, small_data)["dev"]["sst"] == 1.0
+
+
+def test_write_predictions_refuses_ids_it_could_not_read_back(tmp_path):
+    for bad in ("a,b", "x\ny", " lead", "nul\x00"):
+        with pytest.raises(ValueError, match="cannot write the prediction"):
+            write_predictions(tmp_path / "sst-dev-output.csv", TASKS["sst"], [bad], [1])
+    assert not (tmp_path / "sst-dev-output.csv").exists()

@@ -1,5 +1,7 @@
-"""Seeded fuzzing of every input: corrupted variants of the task files (the small_data slices) and of prediction
-files go through the readers in-process; a subset goes through train_multitask.py and evaluate.py.
+"""Seeded fuzzing of the data inputs: corrupted variants of the task files (the small_data slices) and of
+prediction files go through the readers in-process; a subset goes through train_multitask.py and evaluate.py.
+Non-regular files (FIFO, directory, device, broken or looping symbolic link) stand in for each of them. Checkpoint
+and model directories are fuzzed in test_fuzz_models.py, flags and --config files in test_fuzz_settings.py.
 
 Every case must end in success (with sane data) or a one-line error naming the file and the line; a run that
 fails leaves no output directory behind. Mutations that damage one known line must be reported at that line.
@@ -10,16 +12,20 @@ import json
 import os
 import random
 import re
+import select
 import shutil
+import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-from minbert.data import SPLITS, TASKS, DataError, load_task, read_task_file
+from minbert.cli import evaluate_main, train_main
+from minbert.data import SPLITS, TASKS, DataError, id_problem, is_blank, load_task, read_task_file
 from minbert.predict import prediction_path, read_predictions, score_prediction_dir, write_predictions
 
 from .conftest import ROOT
@@ -33,6 +39,7 @@ class Mutated:
     data: bytes
     line: int | None = None  # the line an error must name (None: any line of the file)
     must_fail: bool = False  # without --skip_bad_rows the reader must refuse the file
+    also: tuple[int, ...] = ()  # further damaged lines, which --skip_bad_rows may list too
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -184,7 +191,88 @@ def m_unbalanced_quote(rng, lines, spec):
     k = _row(rng, lines)
     col = _columns(lines)[rng.choice(spec.text_columns)]
     fields = lines[k - 1].split(b"\t")
-    return Mutated(_join(_set_field(lines, k, col, b'"' + fields[col])), k)
+    return Mutated(_join(_set_field(lines, k, col, b'"' + fields[col])), k, True)
+
+
+def m_stray_quote(rng, lines, spec):
+    """A field opens with a quote that a field of a later line closes: read as csv records, the rows between
+    would vanish into one sentence. Every line is one record: the opening line is the error."""
+    k = rng.randint(2, len(lines) - 1)
+    j = rng.randint(k + 1, min(len(lines), k + 3))
+    col = _columns(lines)[rng.choice(spec.text_columns)]
+    opened = _set_field(lines, k, col, b'"' + lines[k - 1].split(b"\t")[col])
+    closed = _set_field(opened, j, col, opened[j - 1].split(b"\t")[col] + b'"')
+    return Mutated(_join(closed), k, True, also=(j,))  # a quoted field at j is damaged by its added quote
+
+
+def m_quoted_newline(rng, lines, spec):
+    """A properly quoted field with a line break inside: a record spanning two lines is refused."""
+    k = _row(rng, lines)
+    col = _columns(lines)[rng.choice(["id", *spec.text_columns])]
+    field = lines[k - 1].split(b"\t")[col].strip(b'"')
+    i = rng.randint(0, len(field))
+    return Mutated(_join(_set_field(lines, k, col, b'"' + field[:i] + b"\n" + field[i:] + b'"')), k, True, also=(k + 1,))
+
+
+def m_quote_after_closing(rng, lines, spec):
+    k = _row(rng, lines)
+    col = _columns(lines)[rng.choice(spec.text_columns)]
+    return Mutated(_join(_set_field(lines, k, col, b'"quoted" and not')), k, True)
+
+
+def m_quoted_fields(rng, lines, spec):
+    """Every text field quoted, inner quotes doubled: the csv convention, read as the same texts."""
+    cols = [_columns(lines)[c] for c in spec.text_columns]
+    out = [lines[0]]
+    for line in lines[1:]:
+        fields = line.split(b"\t")
+        for c in cols:
+            if not fields[c].startswith(b'"'):
+                fields[c] = b'"' + fields[c].replace(b'"', b'""') + b'"'
+        out.append(b"\t".join(fields))
+    return Mutated(_join(out))
+
+
+def m_repeated_header(rng, lines, spec):
+    """Two files joined with cat: the second header becomes a row."""
+    k = rng.randint(2, len(lines))
+    return Mutated(_join(lines[: k - 1] + [lines[0]] + lines[k - 1:]), k, True)
+
+
+def m_duplicate_column(rng, lines, spec):
+    names = [n for n in _columns(lines) if n]
+    a, b = rng.sample(range(len(names)), 2) if len(names) > 1 else (0, 0)
+    header = lines[0].split(b"\t")
+    header[header.index(names[b].encode())] = names[a].encode()
+    return Mutated(_join([b"\t".join(header)] + lines[1:]), 1, True)
+
+
+INVISIBLE = ["\u200b", "\u200d", "\ufeff", "\x01", "\x7f", "\u00a0", "\u2028", "\u0301", "\u3000", "\x0b", "\u2063"]
+
+
+def m_invisible_text(rng, lines, spec):
+    k = _row(rng, lines)
+    col = _columns(lines)[rng.choice(spec.text_columns)]
+    text = "".join(rng.choice(INVISIBLE) for _ in range(rng.randint(1, 6)))
+    return Mutated(_join(_set_field(lines, k, col, text.encode())), k, True)
+
+
+BAD_IDS = [b"a,b", b"x\x0by", b"\xe2\x80\x8bzero", b"tab\x1fsep", b"ls\xe2\x80\xa8ep", b'"a\tb"', b"\x7f"]
+
+
+def m_bad_id(rng, lines, spec):
+    """Ids that the 'id , value' prediction files could not carry back to evaluate.py."""
+    k = _row(rng, lines)
+    return Mutated(_join(_set_field(lines, k, _columns(lines)["id"], rng.choice(BAD_IDS))), k, True)
+
+
+def m_nul_header(rng, lines, spec):
+    i = rng.randint(0, len(lines[0]))
+    return Mutated(_join([lines[0][:i] + b"\x00" + lines[0][i:]] + lines[1:]), 1, True)
+
+
+def m_bom_crlf(rng, lines, spec):
+    return Mutated(b"\xef\xbb\xbf" + _join(lines).replace(b"\n", b"\r\n"))
 
 
 def m_carriage_return(rng, lines, spec):
@@ -248,15 +336,15 @@ def check_error(message: str, path: Path, mutated: Mutated) -> None:
     line = int(m["line"])
     assert 1 <= line <= mutated.data.count(b"\n") + 2, message
     if mutated.line is not None:
-        assert line == mutated.line, f"expected line {mutated.line}: {message}"
+        assert line in (mutated.line, *mutated.also), f"expected line {mutated.line}: {message}"
 
 
 def check_task_data(data, split: str) -> None:
     spec = data.task
     ids = [ex.id for ex in data.examples]
-    assert data.examples and len(set(ids)) == len(ids) and all(i and i == i.strip() for i in ids)
+    assert data.examples and len(set(ids)) == len(ids) and all(id_problem(i) is None for i in ids)
     for ex in data.examples:
-        assert all(t.strip() and "\x00" not in t for t in ex.texts)
+        assert all(not is_blank(t) and "\x00" not in t for t in ex.texts)
         if split != "test":
             assert ex.label is not None
         if ex.label is not None:
@@ -273,7 +361,7 @@ def test_task_file_reader(data_copy, task, split, mutation):
         try:
             data = read_task_file(TASKS[task], path, split, skip_bad_rows=skip)
         except DataError as e:
-            check_error(str(e), path, mutated)
+            check_error(str(e), path, Mutated(mutated.data, mutated.line, mutated.must_fail))  # the first bad line
         else:
             assert skip or not mutated.must_fail, f"{mutation} was accepted"
             check_task_data(data, split)
@@ -284,13 +372,83 @@ def test_task_file_reader(data_copy, task, split, mutation):
 def test_clean_mutations_keep_every_row(small_data, data_copy):
     """CRLF line ends, a BOM and blank lines change nothing; line numbers still point at the rows."""
     original = {ex.id: ex.texts for ex in load_task("qqp", "dev", small_data).examples}
-    for mutation in ("crlf", "bom", "blank_lines"):
+    for mutation in ("crlf", "bom", "blank_lines", "bom_crlf", "quoted_fields"):
         shutil.copy(small_data / "quora-dev.csv", data_copy / "quora-dev.csv")
         path, _ = mutate_task_file(data_copy, "qqp", "dev", mutation)
         data = read_task_file(TASKS["qqp"], path, "dev")
         assert {ex.id: ex.texts for ex in data.examples} == original
         file_lines = path.read_bytes().decode("utf-8-sig").split("\n")
         assert all(ex.id in file_lines[ex.line - 1] for ex in data.examples)
+
+
+NON_REGULAR = ("fifo", "directory", "dangling_symlink", "symlink_loop", "device")
+
+
+def make_non_regular(path: Path, kind: str) -> str:
+    """Put a non-regular file at ``path``; return what the error must say about it."""
+    path.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+        return "FIFO"
+    if kind == "directory":
+        path.mkdir()
+        return "directory"
+    if kind == "dangling_symlink":
+        path.symlink_to(path.parent / "moved-away.csv")
+        return "broken symbolic link"
+    if kind == "symlink_loop":
+        path.symlink_to(path)
+        return "symbolic links"
+    path.symlink_to("/dev/zero")  # a device that never ends: reading it whole would never finish
+    return "character device"
+
+
+@contextmanager
+def no_hang(seconds: int = 10):
+    """Fail (instead of blocking the suite forever) when a reader waits on a FIFO."""
+    def alarm(signum, frame):
+        raise TimeoutError(f"still blocked after {seconds} s: a non-regular file was opened")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+NON_REGULAR_TASK_CASES = [(task, split, kind) for task, split in TASK_FILES for kind in NON_REGULAR]
+
+
+@pytest.mark.parametrize("task,split,kind", NON_REGULAR_TASK_CASES,
+                         ids=[f"{t}-{s}-{k}" for t, s, k in NON_REGULAR_TASK_CASES])
+def test_non_regular_task_file(data_copy, task, split, kind):
+    path = data_copy / TASKS[task].files[split]
+    what = make_non_regular(path, kind)
+    with no_hang(), pytest.raises(DataError) as e:
+        load_task(task, split, data_copy)
+    message = str(e.value)
+    assert message.startswith(f"{path}: ") and what in message and "\n" not in message, message
+
+
+def test_stray_quote_rows_are_skipped_and_listed(data_copy):
+    """The issue's case: a stray quote no longer swallows the next rows; with --skip_bad_rows only its own row
+    is skipped, and it is listed."""
+    path = data_copy / "quora-dev.csv"
+    lines = path.read_bytes().split(b"\n")
+    fields = lines[4].split(b"\t")
+    fields[2] = b'"' + fields[2]
+    lines[4] = b"\t".join(fields)
+    fields = lines[6].split(b"\t")
+    fields[2] += b'"'
+    lines[6] = b"\t".join(fields)
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError, match=r"quora-dev\.csv:5: a field opens with a quote"):
+        read_task_file(TASKS["qqp"], path, "dev")
+    data = read_task_file(TASKS["qqp"], path, "dev", skip_bad_rows=True)
+    assert len(data.examples) == 47 and [m.split(": ")[0] for m in data.skipped] == [f"{path}:5"]
+    assert data.examples[4].texts[0].endswith('"') and data.examples[4].line == 7
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -396,6 +554,23 @@ def p_garbage(rng, lines, spec):
     return Mutated(bytes(rng.randrange(256) for _ in range(2048)))
 
 
+def p_bom(rng, lines, spec):
+    """A BOM is accepted by the prediction reader as by the task-file reader (one shared open helper)."""
+    return Mutated(b"\xef\xbb\xbf" + _join(lines))
+
+
+def p_bad_id(rng, lines, spec):
+    k = _pred_row(rng, lines)
+    value = lines[k - 1].split(b",")[1]
+    return Mutated(_replace_line(lines, k, rng.choice([b"x\x0by", b"\xe2\x80\x8bab", b"a\x1fb"]) + b" ," + value), k, True)
+
+
+def p_constant(rng, lines, spec):
+    """Every prediction the same value: valid (Pearson r is then undefined: counted as 0 with a warning)."""
+    value = b"2.5000" if spec.label_kind == "score" else b"1"
+    return Mutated(_join(lines[:1] + [line.split(b",")[0] + b", " + value for line in lines[1:]]))
+
+
 PRED_MUTATIONS: dict[str, Callable] = {name[2:]: fn for name, fn in globals().items() if name.startswith("p_")}
 PRED_FILES = [(task, split) for task in TASKS for split in ("dev", "test")]
 PRED_CASES = [(task, split, m) for task, split in PRED_FILES for m in PRED_MUTATIONS]
@@ -445,6 +620,23 @@ def test_prediction_reader(small_data, valid_predictions, tmp_path, task, split,
         assert all(isinstance(v, float) for v in preds.values())
 
 
+NON_REGULAR_PRED_CASES = [(task, split, kind) for task, split in PRED_FILES for kind in NON_REGULAR]
+
+
+@pytest.mark.parametrize("task,split,kind", NON_REGULAR_PRED_CASES,
+                         ids=[f"{t}-{s}-{k}" for t, s, k in NON_REGULAR_PRED_CASES])
+def test_non_regular_prediction_file(small_data, valid_predictions, tmp_path, task, split, kind):
+    """Not "absent": a prediction file that is there but is no regular file is an error."""
+    pred_dir = tmp_path / "predictions"
+    shutil.copytree(valid_predictions, pred_dir)
+    path = prediction_path(pred_dir, task, split)
+    what = make_non_regular(path, kind)
+    with no_hang(), pytest.raises(DataError) as e:
+        score_prediction_dir(pred_dir, small_data)
+    message = str(e.value)
+    assert message.startswith(f"{path}: ") and what in message and "\n" not in message, message
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Through the command line. Each case runs `train_multitask.py` / `evaluate.py` as its own process: a fork of
 # one helper that imported minbert once (a fresh interpreter per case would spend most of the test importing
@@ -486,12 +678,16 @@ class ForkedCli:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.workdir, self.n = workdir, 0
 
-    def __call__(self, script: str, *argv: str) -> subprocess.CompletedProcess:
+    def __call__(self, script: str, *argv: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+        """Run one case; with ``timeout``, raise TimeoutError when it has not ended by then (a hang)."""
         self.n += 1
         out, err = self.workdir / f"{self.n}.out", self.workdir / f"{self.n}.err"
         request = {"script": str(ROOT / script), "argv": list(argv), "stdout": str(out), "stderr": str(err)}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
+        # One reply line per request, read whole: nothing is left in the reader's buffer to hide from select.
+        if timeout is not None and not select.select([self.proc.stdout], [], [], timeout)[0]:
+            raise TimeoutError(f"{script} {' '.join(argv)}: still running after {timeout} s")
         rc = json.loads(self.proc.stdout.readline())["rc"]
         return subprocess.CompletedProcess([script, *argv], rc, out.read_text(errors="replace"),
                                            err.read_text(errors="replace"))
@@ -564,3 +760,79 @@ def test_evaluate_cli_on_corrupted_gold_data(cli, valid_predictions, data_copy):
     path, mutated = mutate_task_file(data_copy, "sts", "dev", "label_out_of_range")
     r = cli("evaluate.py", "--predictions", str(valid_predictions), "--data_dir", str(data_copy))
     assert_one_line_error(r, path, mutated)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ids: every id the task readers accept survives the round trip into a prediction file and back through
+# evaluate.py; every other id is refused when the task file is read, at its line.
+
+ID_ALPHABET = list("abcXYZ019-_.:;#'\"/\\ ") + [",", "\t", "\x0b", "\x1f", "\x7f", "\x85", "\u200b", "\ufeff",
+                                                  "\u2028", "\u00a0", "é", "字", "\U0001f600", "\r"]
+
+
+def _random_id(rng: random.Random) -> str:
+    return "".join(rng.choice(ID_ALPHABET) for _ in range(rng.randint(1, 12)))
+
+
+def _quote(field: str) -> str:
+    return '"' + field.replace('"', '""') + '"' if any(c in field for c in '"\t\r') else field
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_ids_round_trip_or_are_refused(tmp_path, seed):
+    rng = random.Random(f"{SEED}/ids/{seed}")
+    ids = list(dict.fromkeys(_random_id(rng) for _ in range(40)))
+    path = tmp_path / "sst.csv"
+    path.write_text("\tid\tsentence\tsentiment\n" + "".join(f"{n}\t{_quote(i)}\tsome text\t{n % 5}\n"
+                                                          for n, i in enumerate(ids)), encoding="utf-8")
+    with no_hang():
+        data = read_task_file(TASKS["sst"], path, "dev", skip_bad_rows=True)
+    for message in data.skipped:
+        assert re.match(re.escape(str(path)) + r":\d+: ", message) and "\n" not in message, message
+    accepted = [ex.id for ex in data.examples]
+    assert len(accepted) + len(data.skipped) == len(ids)
+    for i in ids:
+        if i.strip() in accepted:
+            assert id_problem(i.strip()) is None
+    out = tmp_path / "sst-dev-output.csv"
+    write_predictions(out, TASKS["sst"], accepted, [1] * len(accepted))
+    assert list(read_predictions(out, TASKS["sst"])) == accepted
+
+
+def test_ids_survive_train_predict_evaluate(data_copy, tmp_path, capsys):
+    """Unusual but valid ids (quotes, spaces, non-ASCII, '#', ';') go through a real run and evaluate.py."""
+    rng = random.Random(f"{SEED}/train-ids")
+    for task in ("sst", "qqp", "sts"):
+        for split in SPLITS:
+            path = data_copy / TASKS[task].files[split]
+            lines = path.read_bytes().rstrip(b"\n").split(b"\n")
+            col = _columns(lines)["id"]
+            for k in range(2, len(lines) + 1):
+                stem, tail = rng.choice(["é", "q#", "a b", "x;y", "字", "it's", '"q"', "0.5"]), rng.choice(["", "/z", ":"])
+                pid = f"{stem}{k}{tail}"
+                lines = _set_field(lines, k, col, _quote(pid).encode())
+            path.write_bytes(_join(lines))
+    out = tmp_path / "run"
+    rc = train_main(["--data_dir", str(data_copy), "--output_dir", str(out), *TINY_RUN])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    capsys.readouterr()
+    rc = evaluate_main(["--predictions", str(out / "predictions"), "--data_dir", str(data_copy),
+                        "--allow_partial", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert set(json.loads(captured.out)["dev"]) == {"sst", "qqp", "sts", "overall"}
+
+
+@pytest.mark.slow
+def test_evaluate_script_refuses_a_fifo_without_blocking(cli, small_data, valid_predictions, tmp_path):
+    """The real script in its own process, with a timeout: a FIFO in place of a prediction file."""
+    pred_dir = tmp_path / "predictions"
+    shutil.copytree(valid_predictions, pred_dir)
+    path = prediction_path(pred_dir, "sts", "dev")
+    make_non_regular(path, "fifo")
+    try:
+        r = cli("evaluate.py", "--predictions", str(pred_dir), "--data_dir", str(small_data), timeout=60)
+    except TimeoutError:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # let the blocked reader go (it sees end of file)
+        raise
+    assert r.returncode == 1 and r.stderr == f"error: {path}: is a FIFO (named pipe), not a regular file\n", r.stderr
