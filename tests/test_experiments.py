@@ -258,3 +258,24 @@ def test_smart_bf16_detection_follows_the_training_checks(monkeypatch):
     monkeypatch.setattr(cli, "check_train_args", lambda p, args: p.error("--smart with --bf16: refused"))
     assert profiles.smart_accepts_bf16() is False
     profiles.smart_accepts_bf16.cache_clear()
+
+
+@pytest.mark.slow
+def test_rows_with_identical_flags_are_trained_once(small_data, tmp_path, monkeypatch, capsys, one_thread):
+    """Under the default architecture (mean pooling) the "+ Mean Pooling" row is the "2d+1" row: one run, two rows."""
+    from minbert.experiments import profiles
+
+    monkeypatch.setitem(profiles.ARCHITECTURES, "smoke", profiles.DEFAULT_ARCHITECTURE)
+    out = tmp_path / "same"
+    trained = []
+    original = runner.run_row
+    monkeypatch.setattr(runner, "run_row", lambda row, argv, ow: trained.append(row.key) or original(row, argv, ow))
+    assert main(["paper", "--profile", "smoke", "--seeds", "3", "--rows", "cosine_2d1,cosine_2d1_mean",
+                 "--data_dir", str(small_data), "--output_dir", str(out)]) == 0
+    assert trained == ["cosine_2d1"] and not (out / "cosine_2d1_mean").exists()
+    first, second = json.loads((out / "results.json").read_text())["rows"]
+    assert second["same_run_as"] == "cosine_2d1" and second["runs"][0]["dev"] == first["runs"][0]["dev"]
+    assert "(same run as `cosine_2d1`)" in capsys.readouterr().out
+    assert main(["paper", "--profile", "smoke", "--seeds", "3", "--rows", "cosine_2d1,cosine_2d1_mean",
+                 "--data_dir", str(small_data), "--output_dir", str(out), "--print_commands"]) == 0
+    assert "(the same run as cosine_2d1: trained once)" in capsys.readouterr().out

@@ -10,10 +10,10 @@ Profiles:
   architecture; all training data (the two unlabeled QQP rows skipped). The encoder is the embedded
   all-MiniLM-L6-v2 (d = 384), the only pretrained encoder here; the report fine-tuned BERT-base (d = 768).
   Schedule, weight decay and dropout are this package's defaults (the report does not state them). Meant for a GPU.
-* ``quick``: the same rows on this CPU in 71.5 minutes on one core (docs/results.md): the report's architecture,
-  minilm-l6, batch 16, learning rate 1e-4 for the encoder and 1e-3 for the heads, one epoch of 45 steps (135 for
-  the 3x rows) drawn from all the training data, bf16 autocast where allowed (:func:`use_bf16`), dev and test
-  cut to their first 400 rows per task. SST and QQP stay at the majority class in almost every row: it cannot
+* ``quick``: the same rows in 71.5 minutes on one core of an Intel Xeon with AMX, in bf16 (docs/results.md): the
+  report's architecture, minilm-l6, batch 16, learning rate 1e-4 for the encoder and 1e-3 for the heads, one
+  epoch of 45 steps (135 for the 3x rows) drawn from all the training data, bf16 autocast where allowed
+  (:func:`use_bf16`), dev and test cut to their first 400 rows per task. SST and QQP stay at the majority class in almost every row: it cannot
   rank the strategies.
 * ``cpu``: a CPU table in which the rows can separate. What it keeps from the report: each row's strategy, that
   is its combiner (individual / sum / pcgrad / gse), its STS head, SMART, its iterations (the 3x rows train three
@@ -23,7 +23,8 @@ Profiles:
   class in short runs on this encoder), the encoder is minilm-l6 (the report: BERT-base), batch 32 with learning
   rate 1e-4 for the encoder and 1e-3 for the heads (the report: batch 8 at 1e-5 for 10 epochs), and one epoch of
   CPU_STEPS steps (3 x CPU_STEPS for the 3x rows; the report: 10 epochs of 755) drawn from all the training data.
-  Dev and test are not cut: every dev row is scored. bf16 autocast where allowed. Because mean pooling is the
+  Dev and test are not cut: every dev row is scored. bf16 autocast where allowed (:func:`use_bf16`: only on
+  hardware with native bfloat16; on an AVX2-only CPU bf16 is far slower than float32). Because mean pooling is the
   default, the row "Cosine Similarity (2d+1 features) + Mean Pooling" is the same run as "Cosine Similarity (2d+1
   features)" here; the runner trains it once (:class:`minbert.experiments.runner.PaperRun`). Measured cost and
   the command: docs/results.md.
@@ -40,7 +41,7 @@ from pathlib import Path
 
 QUICK_STEPS = 45
 QUICK_EVAL = 400
-CPU_STEPS = 60
+CPU_STEPS = 40  # measured cost per row: docs/results.md ("The report's table over seeds, `cpu` profile")
 
 # MERGE: `--pair_encoding bi|cross` is being added to train_multitask.py. Every row of every profile must encode
 # the two sentences of a pair separately (the report's heads compare two sentence embeddings): when the flag lands,
