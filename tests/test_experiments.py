@@ -1,5 +1,6 @@
 """`python -m minbert.experiments paper`: every row of the report's dev table runs through the training path
-(smoke profile: bert-tiny on tiny slices), results are tabulated beside the report's, finished rows are reused."""
+(smoke profile: bert-tiny on tiny slices), once per seed; results are tabulated beside the report's with mean ± std
+and paired differences against Baseline; finished runs are reused; the cpu profile's flags."""
 import json
 
 import pytest
@@ -92,6 +93,12 @@ def test_command_line_errors_and_print_commands(small_data, capsys):
     printed = capsys.readouterr().out
     assert printed.count("python train_multitask.py ") == 13
     assert "# SMART Loss w/ GSE\n" in printed
+    with pytest.raises(SystemExit):
+        main(["mfac", "--profile", "cpu", "--print_commands", "--data_dir", str(small_data)])
+    assert "--profile cpu: the mfac experiment has full, quick, smoke" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["paper", "--seeds", "1,x", "--print_commands", "--data_dir", str(small_data)])
+    assert "--seeds '1,x': expected comma-separated integers" in capsys.readouterr().err
 
 
 @pytest.mark.slow
