@@ -2,6 +2,7 @@
 
     python -m minbert.plot runs/a runs/b --out curves.png           # losses vs step, dev scores per epoch
     python -m minbert.plot --experiments results.json --out bars.png  # overall score of each experiment row
+                                                                      # (error bars: std over seeds)
 
 Curves come from each run's metrics.jsonl (minbert.train.MetricsLog): training records carry ``step`` and
 ``loss_<task>`` (mean over the last --logging_steps steps) and ``lr``; epoch records carry ``dev`` scores.
@@ -13,6 +14,7 @@ import json
 import math
 import textwrap
 from pathlib import Path
+from typing import NamedTuple
 
 from .data import TASKS
 from .io import atomic_path
@@ -119,14 +121,22 @@ def _score(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
 
 
-def read_experiment_rows(path: str | Path) -> list[tuple[str, float, float | None]]:
-    """(name, overall score, reference overall score or None) of each row of a ``python -m minbert.experiments``
-    results file.
+class ExperimentRow(NamedTuple):
+    name: str
+    overall: float  # the mean over seeds where the row ran several
+    reference: float | None  # the published overall score (the report's), if the file has one
+    std: float | None = None  # sample std of the overall score over seeds; None for a single run
+    runs: int = 1
+
+
+def read_experiment_rows(path: str | Path) -> list[ExperimentRow]:
+    """The rows of a ``python -m minbert.experiments`` results file: name, overall score, reference score, and
+    the std over seeds where the row ran several (``"std": {"overall": ...}`` and ``"n_runs"``).
 
     Tolerant of the layout: a list of rows, or an object holding one under "rows"/"results"/"experiments";
     a row is an object with a "name" and an "overall" score (or "dev": {"overall": ...}), and optionally
     "report": {"overall": ...}, the published number to compare with. Other rows (a failed experiment, a
-    note) are skipped.
+    note) are skipped. Single-seed files (no "std") give rows without a spread.
     """
     path = Path(path)
     try:
@@ -145,8 +155,11 @@ def read_experiment_rows(path: str | Path) -> list[tuple[str, float, float | Non
         if overall is None and isinstance(row.get("dev"), dict):
             overall = row["dev"].get("overall")
         reference = row["report"].get("overall") if isinstance(row.get("report"), dict) else None
+        std = _score(row["std"].get("overall")) if isinstance(row.get("std"), dict) else None
+        runs = row.get("n_runs") if isinstance(row.get("n_runs"), int) else 1
         if _score(overall) is not None:
-            rows.append((row["name"], _score(overall), _score(reference)))
+            rows.append(ExperimentRow(row["name"], _score(overall), _score(reference),
+                                      std if runs > 1 else None, runs))
     if not rows:
         raise ValueError(f"--experiments {path}: no row has a name and a numeric overall score")
     return rows
@@ -219,23 +232,31 @@ def plot_runs(runs: list[str | Path], out: str | Path, title: str | None = None)
 
 def plot_experiments(path: str | Path, out: str | Path, title: str | None = None) -> Path:
     """A horizontal bar per experiment row: its overall score (CS224N: mean of SST acc, QQP acc, (STS r+1)/2),
-    with the row's reference score (the report's) as a black mark where the file has one."""
+    the mean over seeds with an error bar of one sample std where the row ran several seeds, and the row's
+    reference score (the report's) as a black mark where the file has one."""
     Figure = _figure_class()
     rows = read_experiment_rows(path)
-    longest = max(len(r[0]) for r in rows)  # the row names sit left of the bars
-    fig = Figure(figsize=(5.0 + 0.07 * longest, 0.45 * len(rows) + 1.6), layout="constrained")
+    longest = max(len(r.name) for r in rows)  # the row names sit left of the bars
+    fig = Figure(figsize=(5.6 + 0.07 * longest, 0.45 * len(rows) + 1.6), layout="constrained")
     ax = fig.subplots()
-    names, scores = [r[0] for r in rows], [r[1] for r in rows]
+    scores = [r.overall for r in rows]
     y = list(range(len(rows)))
-    bars = ax.barh(y, scores, color="C0", label="ours")
-    ax.bar_label(bars, labels=[f"{s:.4f}" for s in scores], padding=3, fontsize=9)
-    references = [(i, r[2]) for i, r in enumerate(rows) if r[2] is not None]
+    spread = any(r.std is not None for r in rows)
+    seeds = sorted({r.runs for r in rows if r.std is not None})
+    label = f"ours: mean ± std over {'/'.join(map(str, seeds))} seeds" if spread else "ours"
+    errors = [r.std or 0.0 for r in rows] if spread else None
+    bars = ax.barh(y, scores, color="C0", label=label, xerr=errors,
+                   error_kw={"ecolor": "0.25", "capsize": 3, "elinewidth": 1.2})
+    texts = [f"{r.overall:.4f}" + (f" ± {r.std:.4f}" if r.std is not None else "") for r in rows]
+    ax.bar_label(bars, labels=texts, padding=3 + (12 if spread else 0), fontsize=9)
+    references = [(i, r.reference) for i, r in enumerate(rows) if r.reference is not None]
     if references:
         ax.plot([r for _, r in references], [i for i, _ in references], "kD", markersize=5, label="the report's")
+    if references or spread:
         fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
-    ax.set_yticks(y, names)
+    ax.set_yticks(y, [r.name for r in rows])
     ax.invert_yaxis()  # the table's first row on top
-    ax.set_xlim(0, max(1.0, max(scores) * 1.12))
+    ax.set_xlim(0, max(1.0, max(s + (r.std or 0) for s, r in zip(scores, rows)) * 1.25))
     ax.set_xlabel("overall dev score")
     ax.grid(axis="x", alpha=0.3)
     fig.suptitle(textwrap.fill(title or Path(path).name, 80), fontsize=11)
@@ -262,7 +283,8 @@ def plot_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run folders (--output_dir of train_multitask.py)")
     g.add_argument("--experiments", metavar="RESULTS.json", default=None,
-                   help="plot the overall score of each row of this experiments table instead of curves")
+                   help="plot the overall score of each row of this experiments table instead of curves (with "
+                        "error bars of one std over seeds where the rows ran several seeds)")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, metavar="FILE.png", help="image to write (.png, .pdf or .svg)")
     g.add_argument("--title", default=None, help="figure title (default: the run folder or file name)")

@@ -74,13 +74,59 @@ def test_plot_experiments_writes_a_png_and_skips_rows_without_scores(tmp_path):
             {"name": "crashed", "error": "non-finite loss"}]
     path = tmp_path / "results.json"
     path.write_text(json.dumps(rows))
-    assert read_experiment_rows(path) == [("individual", 0.7667, None), ("pcgrad", 0.7801, 0.754)]
+    assert [r[:3] for r in read_experiment_rows(path)] == [("individual", 0.7667, None), ("pcgrad", 0.7801, 0.754)]
+    assert all(r.std is None and r.runs == 1 for r in read_experiment_rows(path))  # single runs: no spread
     wrapped = tmp_path / "wrapped.json"  # the layout of python -m minbert.experiments: rows under "rows"
     wrapped.write_text(json.dumps({"experiment": "paper", "rows": rows}))
     assert read_experiment_rows(wrapped) == read_experiment_rows(path)
     out = tmp_path / "bars.png"
     assert plot_main(["--experiments", str(path), "--out", str(out)]) == 0
     assert png_size(out)[0] > 0
+
+
+def _capture_figure(monkeypatch):
+    """The Figure that plot_experiments saves (it is written with savefig and then dropped)."""
+    from minbert import plot
+
+    figures = []
+    save = plot._save
+    monkeypatch.setattr(plot, "_save", lambda fig, out: figures.append(fig) or save(fig, out))
+    return figures
+
+
+def test_plot_experiments_draws_std_over_seeds_as_error_bars(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    # the layout python -m minbert.experiments paper --seeds 1,2,3 writes (every run kept, plus the aggregates)
+    runs = lambda *overall: [{"seed": s, "dev": {"overall": o}} for s, o in zip((1, 2, 3), overall)]  # noqa: E731
+    rows = [{"key": "baseline", "name": "Baseline", "runs": runs(0.70, 0.72, 0.74), "n_runs": 3,
+             "dev": {"overall": 0.72}, "std": {"overall": 0.02}, "report": {"overall": 0.641}},
+            {"key": "multitask", "name": "Multitask Learning", "runs": runs(0.69, 0.70, 0.71), "n_runs": 3,
+             "dev": {"overall": 0.70}, "std": {"overall": 0.01}, "report": {"overall": 0.636}},
+            {"key": "smart_gse", "name": "SMART Loss w/ GSE", "runs": runs(0.7), "n_runs": 1,
+             "dev": {"overall": 0.7}, "std": {"overall": None}, "report": None}]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"experiment": "paper", "seeds": [1, 2, 3], "rows": rows}))
+    read = read_experiment_rows(path)
+    assert [(r.name, r.overall, r.std, r.runs) for r in read] == [
+        ("Baseline", 0.72, 0.02, 3), ("Multitask Learning", 0.70, 0.01, 3), ("SMART Loss w/ GSE", 0.7, None, 1)]
+    figures = _capture_figure(monkeypatch)
+    out = tmp_path / "bars.png"
+    assert plot_main(["--experiments", str(path), "--out", str(out)]) == 0
+    assert png_size(out)[0] > 0
+    from matplotlib.container import BarContainer
+
+    bars = next(c for c in figures[0].axes[0].containers if isinstance(c, BarContainer))
+    assert bars.errorbar is not None  # one horizontal error bar per row: mean ± std
+    segments = bars.errorbar.lines[2][0].get_segments()
+    half_widths = [(seg[1][0] - seg[0][0]) / 2 for seg in segments]
+    assert half_widths == pytest.approx([0.02, 0.01, 0.0])
+
+    # an old single-seed file draws no error bars
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps({"rows": [{"name": "Baseline", "dev": {"overall": 0.5}, "report": None}]}))
+    assert plot_main(["--experiments", str(single), "--out", str(tmp_path / "one.png")]) == 0
+    bars = next(c for c in figures[1].axes[0].containers if isinstance(c, BarContainer))
+    assert bars.errorbar is None
 
 
 def test_plot_errors_are_one_line(tmp_path, capsys, monkeypatch):

@@ -1,0 +1,79 @@
+"""The command line of ``python -m minbert.experiments``."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .cards import CARD_PROFILES, CARD_SEEDS, CARD_SETTINGS, CardsRun
+from .profiles import PROFILES, ROW_KEYS, ROWS
+from .runner import PaperRun, execute
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minbert.experiments",
+                                description="Re-run the CS224N report's dev table (see docs/multitask.md) or the M-FAC "
+                                            "cards' Adam vs M-FAC comparison (see docs/mfac.md), once per seed.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("experiment", choices=["paper", "mfac"],
+                   help="paper: every row of the report's dev table (section 5.4); mfac: Adam vs M-FAC over seeds")
+    p.add_argument("--profile", choices=list(PROFILES), default="quick",
+                   help="full: the report's protocol (GPU); quick: about an hour on one CPU core, the report's "
+                        "architecture; cpu: the package's default architecture, long enough for the rows to "
+                        "separate (paper only; docs/results.md); smoke: under a minute")
+    p.add_argument("--output_dir", default=None,
+                   help="default: runs/paper-PROFILE or runs/mfac-SETTING-PROFILE; one subdirectory per run")
+    p.add_argument("--data_dir", default="data", help="folder holding the CS224N task files")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--rows", default=",".join(ROW_KEYS),
+                   help="paper: comma-separated subset of the rows, in table order")
+    p.add_argument("--setting", choices=list(CARD_SETTINGS), default="sst2",
+                   help="mfac: sst2 (single task, the SST-2 card) or multitask (the three CS224N tasks)")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds; every row runs once per seed, in ROW/seedS. paper: default one run "
+                        "per row with train_multitask.py's default seed, in ROW; mfac: default "
+                        + ",".join(map(str, CARD_SEEDS)))
+    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="paper: bfloat16 autocast. auto: in the quick and cpu profiles, where the hardware computes "
+                        "bf16 natively (AVX512-BF16/AMX CPU, or a GPU) and train_multitask.py accepts it (SMART rows "
+                        "only if it accepts --smart --bf16); on: every row it accepts; off: float32 everywhere")
+    p.add_argument("--overwrite_output_dir", action="store_true", help="re-run rows that already finished")
+    p.add_argument("--print_commands", action="store_true",
+                   help="print each row's train_multitask.py command and exit")
+    return p
+
+
+def parse_seeds(p: argparse.ArgumentParser, text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        seeds = tuple(dict.fromkeys(int(x) for x in text.split(",") if x.strip()))
+    except ValueError:
+        p.error(f"--seeds {text!r}: expected comma-separated integers")
+    if not seeds:
+        p.error("--seeds: no seed given")
+    return seeds
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would write the tables and pick rows on its own
+        p.error("run python -m minbert.experiments as one process, not under torchrun (the rows run one by one)")
+    wanted = [k.strip() for k in args.rows.split(",") if k.strip()]
+    unknown = [k for k in wanted if k not in ROW_KEYS]
+    if unknown or not wanted:
+        p.error(f"--rows: unknown row {', '.join(unknown) or args.rows!r} (choose from {', '.join(ROW_KEYS)})")
+    if not Path(args.data_dir).is_dir():
+        p.error(f"--data_dir {args.data_dir}: no such directory")
+    seeds = parse_seeds(p, args.seeds)
+    if args.experiment == "mfac":
+        if args.profile not in CARD_PROFILES:
+            p.error(f"--profile {args.profile}: the mfac experiment has {', '.join(CARD_PROFILES)}")
+        out = Path(args.output_dir or f"runs/mfac-{args.setting}-{args.profile}")
+        cards = CardsRun(args.setting, args.profile, out, seeds or CARD_SEEDS, args.data_dir, args.device,
+                         args.overwrite_output_dir)
+        return execute(cards, args.print_commands)
+    paper = PaperRun(args.profile, Path(args.output_dir or f"runs/paper-{args.profile}"), args.data_dir, args.device,
+                     tuple(r for r in ROWS if r.key in wanted), args.overwrite_output_dir, seeds, args.bf16)
+    return execute(paper, args.print_commands)
