@@ -229,7 +229,7 @@ def test_cpu_profile_keeps_each_rows_strategy_on_the_default_architecture(tmp_pa
         assert a["combiner"] == f["--combiner"] and a["smart"] == ("--smart" in f)
         assert a["sts_head"] == f.get("--sts_head", "cosine_regression")
         assert a["pooling"] == f.get("--pooling", "mean") and a["para_head"] == "sbert"
-        assert a["bf16"] == (not a["smart"] or profiles.smart_accepts_bf16())
+        assert (a["bf16"] == "on") == (not a["smart"] or profiles.smart_accepts_bf16())
     assert args["baseline"]["sts_head"] == "cosine_regression" and args["cosine_2d1"]["sts_head"] == "cosine_2d1"
     assert args["smart"]["combiner"] == "individual" and args["smart_gse"]["combiner"] == "gse"
 

@@ -147,19 +147,16 @@ def smart_accepts_bf16() -> bool:
     return True
 
 
-@functools.cache
 def bf16_native(device: str = "auto") -> bool:
-    """Whether bfloat16 matrix products run natively where the rows train: a CUDA GPU with bf16, or a CPU on which
-    oneDNN has bf16 kernels (AVX512-BF16 / AMX). Elsewhere (e.g. an AVX2-only CPU) torch falls back to a
-    reference GEMM and --bf16 makes training many times slower, not 2x faster (docs/results.md)."""
+    """Whether bfloat16 runs natively where the rows train (:func:`minbert.precision.native_bf16`): elsewhere (e.g.
+    an AVX2-only CPU) --bf16 makes training many times slower, not 2x faster (docs/results.md)."""
     import torch
 
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch without the check: assume the slow path
-        return False
+    from ..precision import native_bf16
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return native_bf16(torch.device(device))
 
 
 def use_bf16(row: Row, profile: str, device: str, mode: str = "auto") -> bool:
@@ -183,8 +180,8 @@ def row_argv(row: Row, profile: str, data_dir: str, output_dir: Path, device: st
         argv += ["--iterations_multiplier", str(row.iterations)]
     if STEP_CAPS[profile] is not None:
         argv += ["--max_steps_per_epoch", str(STEP_CAPS[profile] * row.iterations)]
-    if use_bf16(row, profile, device, bf16):
-        argv += ["--bf16"]
+    # explicit either way, so that a row does not change when train_multitask.py's --bf16 default does
+    argv += ["--bf16", "on" if use_bf16(row, profile, device, bf16) else "off"]
     directory = output_dir / row.key
     if seed is not None:
         argv += ["--seed", str(seed)]
