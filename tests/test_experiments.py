@@ -238,20 +238,23 @@ def test_cpu_profile_keeps_each_rows_strategy_on_the_default_architecture(tmp_pa
     assert paper.same_runs() == {("cosine_2d1_mean", 1): "cosine_2d1", ("cosine_2d1_mean", 2): "cosine_2d1"}
     assert runner.PaperRun("quick", tmp_path, "data", "cpu", ROWS, seeds=(1,)).same_runs() == {}
 
-    # SMART rows get --bf16 as soon as train_multitask.py accepts --smart --bf16
+    def bf16(argv: list[str]) -> str:  # rows always pass --bf16 on|off explicitly
+        return argv[argv.index("--bf16") + 1]
+
+    # SMART rows get --bf16 on as soon as train_multitask.py accepts --smart --bf16
     monkeypatch.setattr(profiles, "smart_accepts_bf16", lambda: True)
     smart = next(r for r in ROWS if r.key == "smart")
-    assert "--bf16" in row_argv(smart, "cpu", "data", tmp_path, "cpu")
+    assert bf16(row_argv(smart, "cpu", "data", tmp_path, "cpu")) == "on"
     monkeypatch.setattr(profiles, "smart_accepts_bf16", lambda: False)
-    assert "--bf16" not in row_argv(smart, "cpu", "data", tmp_path, "cpu")
-    assert "--bf16" not in row_argv(smart, "cpu", "data", tmp_path, "cpu", bf16="on")  # refused: never passed
-    assert "--bf16" in row_argv(ROWS[0], "quick", "data", tmp_path, "cpu")
-    assert "--bf16" not in row_argv(ROWS[0], "full", "data", tmp_path, "cpu")  # the report's fp32 protocol
-    assert "--bf16" in row_argv(ROWS[0], "full", "data", tmp_path, "cpu", bf16="on")
-    assert "--bf16" not in row_argv(ROWS[0], "cpu", "data", tmp_path, "cpu", bf16="off")
+    assert bf16(row_argv(smart, "cpu", "data", tmp_path, "cpu")) == "off"
+    assert bf16(row_argv(smart, "cpu", "data", tmp_path, "cpu", bf16="on")) == "off"  # refused: never on
+    assert bf16(row_argv(ROWS[0], "quick", "data", tmp_path, "cpu")) == "on"
+    assert bf16(row_argv(ROWS[0], "full", "data", tmp_path, "cpu")) == "off"  # the report's fp32 protocol
+    assert bf16(row_argv(ROWS[0], "full", "data", tmp_path, "cpu", bf16="on")) == "on"
+    assert bf16(row_argv(ROWS[0], "cpu", "data", tmp_path, "cpu", bf16="off")) == "off"
     # on a CPU without native bfloat16 (AVX2 only) auto trains in float32: bf16 would be far slower there
     monkeypatch.setattr(profiles, "bf16_native", lambda device="auto": False)
-    assert not any("--bf16" in row_argv(r, p, "data", tmp_path, "cpu") for r in ROWS for p in ("quick", "cpu"))
+    assert all(bf16(row_argv(r, p, "data", tmp_path, "cpu")) == "off" for r in ROWS for p in ("quick", "cpu"))
 
 
 def test_smart_bf16_detection_follows_the_training_checks(monkeypatch):
