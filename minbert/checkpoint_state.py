@@ -163,8 +163,8 @@ def read_weights(path: Path, model: torch.nn.Module, device) -> dict[str, torch.
     """A model.safetensors whose names and shapes are this model's (not another model size's)."""
     try:
         weights = load_weights(path, device)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise DamagedCheckpoint(path, f"cannot read: {_first_line(e)}") from None
+    except ValueError as e:  # its message names the file
+        raise ValueError(f"--resume: {_first_line(e)}") from None
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     if missing or unexpected:

@@ -240,7 +240,7 @@ def apply_config_file(p: argparse.ArgumentParser, argv: list[str] | None) -> dic
             fail(f"{path}: unknown key {key!r} (not a flag of {p.prog})")
         if action.nargs == 0:  # an on/off flag (store_true)
             if not isinstance(value, bool):
-                fail(f"{path}: {key}: expected true or false, got {value!r}")
+                fail(f"{path}: {key}: expected true or false, got {json.dumps(value)}")
             defaults[key] = value
             continue
         if value is None:

@@ -32,7 +32,7 @@ def check_optim_args(name: str, text: str | None) -> dict:
     try:
         options = parse_optim_args(text)
     except ValueError as e:
-        raise ValueError(f"cannot parse {text!r}: {e}") from None
+        raise ValueError(str(e).splitlines()[0]) from None
     _, allowed = OPTIMIZERS[name]
     unknown = [k for k in options if k not in allowed]
     if unknown:
