@@ -120,6 +120,8 @@ def run(config) -> dict[str, float]:
     """The main job: train (unless --predict_only), write checkpoints, predictions and scores; returns the dev
     scores (of the best epoch)."""
     config = as_run_config(config)
+    if config.report_to == "tensorboard":
+        MetricsLog.tensorboard_writer_class()  # a missing package fails before any data is read
     device = distributed.init(resolve_device(config.device))  # torchrun: join the process group; cuda:LOCAL_RANK
     resume_from = distributed.on_main(check_output_dir, config)  # a taken --output_dir is refused before any work
     set_seed(config.seed)

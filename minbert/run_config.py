@@ -159,10 +159,6 @@ class RunConfig:
         self._check_paths()
         self._check_max_seq_length()
         self._check_optim_args()
-        if self.report_to == "tensorboard":
-            from .metrics_log import MetricsLog
-
-            MetricsLog.tensorboard_writer_class()  # a missing package fails before any data is read
         return self
 
     def _check_types(self) -> None:
