@@ -62,7 +62,9 @@ from minbert.model import BertModel, to_hf_state_dict  # noqa: E402
 from minbert.pooling import pool  # noqa: E402
 from minbert.predict import predict_task  # noqa: E402
 from minbert.tokenizer import load_tokenizer, pad_token_id  # noqa: E402
-from minbert.train import Trainer, build_model, build_optimizer, compile_encoder, linear_schedule  # noqa: E402
+from minbert.optim.build import linear_schedule, optimizer_for_run as build_optimizer  # noqa: E402
+from minbert.run import build_model, compile_encoder  # noqa: E402
+from minbert.trainer import Trainer  # noqa: E402
 
 TASKS = ("sst", "qqp")
 CROSS_TASK = "qqp"  # the pair task of the cross-encoded pipelines (a') and (b')

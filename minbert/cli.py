@@ -13,9 +13,8 @@ import sys
 
 from .config import PRESETS
 from .data import DEFAULT_TASKS, TASKS
-
-POOLINGS = ("cls", "mean", "max")
-REPORT_TO = ("none", "tensorboard")
+from .metrics import format_scores  # noqa: F401  (re-exported: it lived here)
+from .run_config import MIN_SEQ_LENGTH, OPTIMIZER_NAMES, PARA_HEADS, POOLINGS, REPORT_TO, ConfigError, RunConfig
 
 
 def _positive_int(text: str) -> int:
@@ -75,7 +74,7 @@ def _bf16(text: str) -> str:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    from .heads import STS_HEADS
+    from .heads import DEFAULT_PARA_HEAD, DEFAULT_STS_HEAD, STS_HEADS
     from .precision import DEFAULT_BF16
     from .smart import BREGMAN_BETA, BREGMAN_MU, SMART_EPSILON, SMART_ETA, SMART_LAMBDA, SMART_SIGMA, SMART_STEPS
 
@@ -93,12 +92,12 @@ def train_parser() -> argparse.ArgumentParser:
                    help=f"a preset ({', '.join(PRESETS)}; only minilm-l6 has pretrained weights) or a Hugging Face "
                         "model directory (config.json + model.safetensors or pytorch_model.bin + vocab)")
     g.add_argument("--pooling", choices=POOLINGS, default="mean", help="sentence embedding for every task")
-    g.add_argument("--sts_head", default="cosine_regression", choices=list(STS_HEADS),
+    g.add_argument("--sts_head", default=DEFAULT_STS_HEAD, choices=list(STS_HEADS),
                    help="STS head: linear on [u; v] (the report's baseline), cosine_embedding (CosineEmbeddingLoss, "
                         "no layer), cosine (d->d linear, 5*sigmoid(20*cos)), cosine_2d1 (linear on [u; v; cos]), "
                         "cosine_regression (5*cos, SBERT's regression objective); "
                         "see docs/multitask.md")
-    g.add_argument("--para_head", choices=("uv", "sbert"), default="sbert",
+    g.add_argument("--para_head", choices=PARA_HEADS, default=DEFAULT_PARA_HEAD,
                    help="paraphrase head features: uv = linear on [u; v] (the report's baseline), "
                         "sbert = linear on [u; v; |u-v|; u*v]")
     g.add_argument("--pair_encoding", type=_pair_encoding, default="bi", metavar="{bi,cross,qqp=..,sts=..}",
@@ -110,14 +109,16 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--tasks", type=_tasks, default=list(DEFAULT_TASKS),
                    help="comma-separated tasks: sst,qqp,sts (default), or sst2 (SST-2 built from the SST files)")
     g.add_argument("--max_seq_length", type=_positive_int, default=None,
-                   help="truncate longer inputs (default: the tokenizer's own limit: 128 for the embedded encoder, "
-                        "the training run's with --predict_only)")
+                   help=f"truncate longer inputs, {MIN_SEQ_LENGTH} tokens at least (a pair needs [CLS] a [SEP] b "
+                        "[SEP]) and at most the model's max_position_embeddings (default: the tokenizer's own limit: "
+                        "128 for the embedded encoder, the training run's with --predict_only)")
     g.add_argument("--max_train_samples", type=_positive_int, default=None, help="first N training rows per task")
     g.add_argument("--max_eval_samples", type=_positive_int, default=None,
                    help="first N dev/test rows per task (prediction files then hold only those)")
     g.add_argument("--skip_bad_rows", action="store_true", help="skip malformed rows (counted and reported) instead of stopping")
     g = p.add_argument_group("training")
-    g.add_argument("--seed", type=int, default=11711, help="random seed: new weights, batch order, dropout")
+    g.add_argument("--seed", type=int, default=11711,
+                   help="random seed (0 to 2**32-1): new weights, batch order, dropout")
     g.add_argument("--per_device_train_batch_size", type=_positive_int, default=32,
                    help="examples per task in each training step (every step draws a batch of every task)")
     g.add_argument("--per_device_eval_batch_size", type=_positive_int, default=128,
@@ -126,14 +127,15 @@ def train_parser() -> argparse.ArgumentParser:
                    help="peak learning rate of the encoder: linear warmup to it, then linear decay to 0")
     g.add_argument("--head_learning_rate", type=_nonneg_float, default=1e-3,
                    help="peak learning rate of the task heads (same schedule): freshly initialized layers on top "
-                        "of a pretrained encoder need larger steps, e.g. to learn the scale of the cosine feature")
+                        "of a pretrained encoder need larger steps, e.g. to learn the scale of the cosine feature; "
+                        "an lr in --optim_args does not change it")
     g.add_argument("--num_train_epochs", type=_positive_int, default=3,
                    help="epochs; dev scores after each, the best epoch is kept")
     g.add_argument("--max_steps_per_epoch", type=_positive_int, default=None, help="cap the steps of an epoch (quick runs)")
     g.add_argument("--weight_decay", type=_nonneg_float, default=0.01,
                    help="decoupled weight decay (not on biases and LayerNorm weights)")
     g.add_argument("--warmup_ratio", type=_nonneg_float, default=0.1,
-                   help="fraction of all steps spent warming the learning rate up")
+                   help="fraction of all steps spent warming the learning rate up, in [0, 1]")
     g.add_argument("--max_grad_norm", type=_nonneg_float, default=1.0, help="clip the gradient norm (0: off)")
     g.add_argument("--max_bad_steps", type=_nonneg_int, default=10,
                    help="non-finite loss or gradient: skip the step; stop after more than N such steps in a row")
@@ -171,15 +173,17 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--bregman_beta", type=_nonneg_float, default=BREGMAN_BETA,
                    help="Bregman proximal point: EMA momentum beta (theta~ <- beta*theta~ + (1-beta)*theta after each step)")
     g = p.add_argument_group("optimizer")
-    g.add_argument("--optim", default="adamw", type=str.lower, choices=("adamw", "mfac"),
+    g.add_argument("--optim", default="adamw", type=str.lower, choices=OPTIMIZER_NAMES,
                    help="adamw (torch, fused) or mfac (M-FAC, see docs/mfac.md); case-insensitive")
     g.add_argument("--optim_args", nargs="+", default=None, type=str,
                    help="optimizer options, JSON or 'key: value, ...' as in the M-FAC cards, quoted or not "
-                        "(e.g. lr: 1e-4, num_grads: 1024, damp: 1e-6); keys given here override --learning_rate "
-                        "and --weight_decay")
+                        "(e.g. lr: 1e-4, num_grads: 1024, damp: 1e-6); lr replaces --learning_rate (the encoder's; "
+                        "the heads keep --head_learning_rate), weight_decay replaces --weight_decay in every group "
+                        "that decays, other keys apply to every group (docs/mfac.md)")
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default="runs/default",
-                   help="run folder: args.json, metrics.jsonl, best/ checkpoint, predictions/, results.json")
+                   help="run folder: args.json, metrics.jsonl, best/ checkpoint, predictions/, results.json (not "
+                        "the current directory or a folder holding the data)")
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="replace the run (finished or not) in --output_dir")
     g.add_argument("--save_steps", type=_nonneg_int, default=200,
@@ -187,62 +191,25 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --output_dir from OUTPUT_DIR/last (same flags; bit-identical on CPU)")
     g.add_argument("--predict_only", action="store_true", help="no training: predict with --checkpoint")
-    g.add_argument("--checkpoint", default=None, help="a minbert checkpoint directory (e.g. runs/default/best)")
+    g.add_argument("--checkpoint", default=None,
+                   help="with --predict_only: a minbert checkpoint directory (e.g. runs/default/best)")
     g.add_argument("--report_to", choices=REPORT_TO, default="none",
                    help="also log metrics.jsonl's numbers as TensorBoard scalars in OUTPUT_DIR/tensorboard "
                         "(needs: pip install tensorboard)")
     return p
 
 
-def check_train_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if isinstance(args.optim_args, list):  # the cards pass it unquoted: several shell words
-        args.optim_args = " ".join(args.optim_args)
-    if args.predict_only and not args.checkpoint:
-        p.error("--predict_only needs --checkpoint DIR")
-    if args.resume and (args.predict_only or args.overwrite_output_dir):
-        p.error(f"--resume cannot be combined with --{'predict_only' if args.predict_only else 'overwrite_output_dir'}")
-    if not os.path.isdir(args.data_dir):
-        p.error(f"--data_dir {args.data_dir}: no such directory")
-    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
-        p.error(f"--device {args.device}: choose auto, cpu or cuda")
-    from .combiners import build_combiner
-    from .heads import STS_HEADS
-
-    try:  # a user's class (package.module:Class) is imported and built here, so a mistake stops the run at once
-        build_combiner(args.combiner, args.seed, args.combiner_args)
-    except ValueError as e:
+def check_train_args(p: argparse.ArgumentParser, args: argparse.Namespace,
+                     from_file: dict[str, str] | None = None) -> RunConfig:
+    """The validated RunConfig of parsed flags (``from_file``: the keys a --config file set); a wrong setting
+    ends like a flag mistake (argparse's usage and one error line, exit 2), or with one line naming the config
+    file and key (exit 2)."""
+    try:
+        return RunConfig.from_namespace(args, from_file).validate()
+    except ConfigError as e:
+        if e.from_file:
+            p.exit(2, f"error: {e}\n")
         p.error(str(e))
-    if args.sts_head not in STS_HEADS:
-        p.error(f"--sts_head {args.sts_head}: choose from {', '.join(STS_HEADS)}")
-    if args.bregman and not args.smart:
-        p.error("--bregman is part of SMART: add --smart")
-    if args.smart and getattr(args, "bf16", "off") == "on":  # bf16 keeps ~3 significant digits of an O(1) embedding
-        p.error("--smart with --bf16: SMART's perturbation (--smart_epsilon, 1e-5 by default) is below bfloat16's "
-                "resolution and would vanish; run SMART in float32 (drop --bf16)")
-    from .heads import pair_head_conflict
-    from .multitask import parse_pair_encoding
-
-    conflict = pair_head_conflict(parse_pair_encoding(args.pair_encoding), args.tasks,
-                                  {f: (getattr(args, f), p.get_default(f)) for f in ("sts_head", "para_head")})
-    if conflict:
-        p.error(conflict)
-    if not 0 <= args.bregman_beta <= 1:
-        p.error(f"--bregman_beta {args.bregman_beta}: must be in [0, 1]")
-    name = args.model_name_or_path
-    if name not in PRESETS and not os.path.isdir(name):
-        p.error(f"--model_name_or_path {name}: not a preset ({', '.join(PRESETS)}) nor a directory")
-
-
-def format_scores(results: dict[str, dict[str, float]]) -> str:
-    """A Markdown table: one row per split, columns SST / QQP / STS / overall."""
-    cols = [("sst", "SST acc"), ("qqp", "QQP acc"), ("sts", "STS r"), ("overall", "overall")]
-    if any("sst2" in scores for scores in results.values()):
-        cols.insert(0, ("sst2", "SST-2 acc"))
-    lines = ["| split | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for split, scores in results.items():
-        cells = [f"{scores[k]:.4f}" if k in scores else "-" for k, _ in cols]
-        lines.append(f"| {split} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def _setup_logging() -> None:
@@ -267,15 +234,17 @@ def _run_user_command(fn, user_errors: tuple[type[BaseException], ...] = ()) -> 
     return 0
 
 
-def apply_config_file(p: argparse.ArgumentParser, argv: list[str] | None) -> None:
+def apply_config_file(p: argparse.ArgumentParser, argv: list[str] | None) -> dict[str, str]:
     """``--config FILE.json``: its keys (flag names without dashes) become the parser's defaults, so flags on
-    the command line still win. Each value goes through its flag's own type and choices checks; a run's
-    args.json is a valid config file (its ``config`` key, the file it was itself read from, is ignored)."""
+    the command line still win. Each value must have its flag's JSON type and goes through its flag's own type
+    and choices checks; a null is kept for RunConfig.validate (allowed where the flag's default is null). A
+    run's args.json is a valid config file (its ``config`` key, the file it was itself read from, is ignored).
+    Returns {key: FILE} for the keys the file set and the command line did not."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     path = pre.parse_known_args(argv)[0].config
     if not path:
-        return
+        return {}
 
     def fail(msg: str):
         p.exit(2, f"error: {msg}\n")
@@ -297,13 +266,16 @@ def apply_config_file(p: argparse.ArgumentParser, argv: list[str] | None) -> Non
             fail(f"{path}: unknown key {key!r} (not a flag of {p.prog})")
         if action.nargs == 0:  # an on/off flag (store_true)
             if not isinstance(value, bool):
-                fail(f"{path}: {key}: expected true or false, got {value!r}")
+                fail(f"{path}: {key}: expected true or false, got {json.dumps(value)}")
             defaults[key] = value
             continue
         if value is None:
             defaults[key] = None
             continue
         many = action.nargs in ("+", "*") or isinstance(action.nargs, int)  # the flag takes several words
+        expected = _json_type_problem(action, value, many)
+        if expected:
+            fail(f"{path}: {key}: expected {expected}, got {json.dumps(value)}")
         if many:
             texts = [str(v) for v in value] if isinstance(value, list) else [str(value)]
         else:  # a list for a one-word flag is its comma-separated form (--tasks sst,qqp)
@@ -318,22 +290,47 @@ def apply_config_file(p: argparse.ArgumentParser, argv: list[str] | None) -> Non
                 fail(f"{path}: {key}: {converted[-1]!r} is not one of {', '.join(map(str, action.choices))}")
         defaults[key] = converted if many else converted[0]
     p.set_defaults(**defaults)
+    given = _given_on_command_line(p, argv)
+    return {key: path for key in defaults if key not in given}
+
+
+def _json_type_problem(action: argparse.Action, value, many: bool) -> str | None:
+    """What a config value should have been, if its JSON type does not suit the flag (None if it does)."""
+    if action.type in (int, float, _positive_int, _nonneg_int, _nonneg_float):
+        ok = isinstance(value, (int, float, str)) and not isinstance(value, bool)
+        return None if ok else "a number"
+    scalar_ok = isinstance(value, str)
+    if many or action.dest == "tasks":  # several words, or a list for a comma-separated flag
+        ok = scalar_ok or (isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                                                           for v in value))
+        return None if ok else "a string or a list of strings"
+    return None if scalar_ok else "a string"
+
+
+def _given_on_command_line(p: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The flags the command line itself sets (the parse that counts has already succeeded)."""
+    actions = [a for a in p._actions if a.dest != "help"]
+    saved = [a.default for a in actions], dict(p._defaults)
+    for a in actions:
+        a.default = argparse.SUPPRESS
+    p._defaults.clear()
+    try:
+        return set(vars(p.parse_known_args(argv)[0]))
+    finally:
+        for a, default in zip(actions, saved[0]):
+            a.default = default
+        p._defaults.update(saved[1])
 
 
 def train_main(argv: list[str] | None = None) -> int:
     p = train_parser()
-    apply_config_file(p, argv)
-    args = p.parse_args(argv)
-    check_train_args(p, args)
+    from_file = apply_config_file(p, argv)
+    config = check_train_args(p, p.parse_args(argv), from_file)
     _setup_logging()
-    from .train import MetricsLog, NonFiniteError, run
+    from .run import run
+    from .trainer import NonFiniteError
 
-    def go():
-        if args.report_to == "tensorboard":
-            MetricsLog.tensorboard_writer_class()  # a missing package fails before any data is read
-        run(args)
-
-    return _run_user_command(go, user_errors=(NonFiniteError,))
+    return _run_user_command(lambda: run(config), user_errors=(NonFiniteError,))
 
 
 def evaluate_parser() -> argparse.ArgumentParser:

@@ -196,6 +196,8 @@ class CrossSTSHead(ScoreRegressionHead):
 
 
 CROSS_HEADS: dict[str, type[nn.Module]] = {"qqp": CrossParaphraseHead, "sts": CrossSTSHead}
+# train_multitask.py's bi-encoder heads when --sts_head / --para_head are not given (measured: docs/results.md)
+DEFAULT_STS_HEAD, DEFAULT_PARA_HEAD = "cosine_regression", "sbert"
 # The head flag of each pair task, and its value that is a plain linear layer on what the encoder gives (the
 # report's baselines): for a cross-encoded task that is the cross head. The other values compare two sentence
 # embeddings (|u - v|, u * v, cosines), which a pair read as one sequence does not have.

@@ -39,3 +39,15 @@ def overall_score(scores: dict[str, float]) -> float:
     """(SST acc + QQP acc + (STS r + 1) / 2) / 3, averaged over the tasks present (Pearson mapped to 0..1)."""
     parts = [(v + 1) / 2 if t == "sts" else v for t, v in scores.items() if t in METRIC_NAMES]
     return sum(parts) / len(parts) if parts else math.nan
+
+
+def format_scores(results: dict[str, dict[str, float]]) -> str:
+    """A Markdown table: one row per split, columns SST / QQP / STS / overall (training and evaluate.py print it)."""
+    cols = [("sst", "SST acc"), ("qqp", "QQP acc"), ("sts", "STS r"), ("overall", "overall")]
+    if any("sst2" in scores for scores in results.values()):
+        cols.insert(0, ("sst2", "SST-2 acc"))
+    lines = ["| split | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for split, scores in results.items():
+        cells = [f"{scores[k]:.4f}" if k in scores else "-" for k, _ in cols]
+        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

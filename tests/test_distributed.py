@@ -73,7 +73,8 @@ def _worker(rank: int, jobs: list[tuple[str, list[str]]], port: int, watched: st
     """One rank: run every job's train_main (they share the process group the first one makes); dump the final
     weights of each job; rank 0 also snapshots the run directory of the "sum" job after its first checkpoint
     (a run killed there, for the resume job)."""
-    import minbert.train as train
+    import minbert.run as run
+    import minbert.trainer as trainer
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
@@ -82,23 +83,23 @@ def _worker(rank: int, jobs: list[tuple[str, list[str]]], port: int, watched: st
     writes: list[str] = []
     if rank != 0:
         sys.addaudithook(_write_recorder(watched, writes))
-    train.build_model = without_dropout(train.build_model)
-    write_all_predictions = train.write_all_predictions
+    run.build_model = without_dropout(run.build_model)
+    write_all_predictions = run.write_all_predictions
     job = None
 
     def write_all_and_dump(model, *args, **kwargs):
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, dump / f"{job}-rank{rank}.pt")
         return write_all_predictions(model, *args, **kwargs)
 
-    train.write_all_predictions = write_all_and_dump
-    save_last = train.Trainer.save_last
+    run.write_all_predictions = write_all_and_dump
+    save_last = trainer.Trainer.save_last
 
     def save_last_and_snapshot(self):
         save_last(self)
         if rank == 0 and job == "sum" and not (dump / "killed-run").exists():
             shutil.copytree(self.out_dir, dump / "killed-run")
 
-    train.Trainer.save_last = save_last_and_snapshot
+    trainer.Trainer.save_last = save_last_and_snapshot
     for job, argv in jobs:
         code = train_main(argv)
         if code != 0:
@@ -146,15 +147,15 @@ def runs(small_data, tmp_path_factory):
     single, double, dump = root / "single", root / "double", tmp_path_factory.mktemp("dump")
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    import minbert.train as train
+    import minbert.run as run
 
-    build_model = train.build_model
-    train.build_model = without_dropout(build_model)
+    build_model = run.build_model
+    run.build_model = without_dropout(build_model)
     try:
         for name, flags in JOBS.items():
             assert train_main(common(small_data, single / name, PER_DEVICE * WORLD) + flags) == 0
     finally:
-        train.build_model = build_model
+        run.build_model = build_model
         torch.set_num_threads(torch_threads)
     jobs = [(name, common(small_data, double / name, PER_DEVICE) + flags) for name, flags in JOBS.items()]
     # Continue the "sum" job from its snapshot taken after step 1 (as if killed there) ...

@@ -2,7 +2,7 @@
 --resume ends with weights bit-identical to an uninterrupted run (CPU, same seed); output-dir rules;
 non-finite steps.
 
-The kills use train.py's test-only hook MINBERT_TEST_KILL_AT_STEP=N: the process SIGKILLs itself right
+The kills use the trainer's test-only hook MINBERT_TEST_KILL_AT_STEP=N: the process SIGKILLs itself right
 after optimizer step N, before any checkpoint of that step, so the resumed run must redo work from an older
 `last` (deterministic, unlike a timer). Ctrl-C is a real SIGINT sent from here while the run is in flight.
 """
@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from minbert.cli import train_main
-from minbert.train import check_output_dir, prepare_output_dir
+from minbert.output_dir import check_output_dir, prepare_output_dir
 
 from .conftest import ROOT
 
@@ -234,5 +234,5 @@ def test_damaged_last_checkpoint_is_a_one_line_error(small_data, tmp_path, capsy
     capsys.readouterr()
     assert train_main(argv + ["--resume"]) == 1
     err = capsys.readouterr().err
-    assert err.splitlines()[-1].startswith(f"error: --resume: cannot read {out / 'last'}: ")
+    assert err.splitlines()[-1].startswith(f"error: --resume: {state}: cannot read: ")
     assert "Traceback" not in err

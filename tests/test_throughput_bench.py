@@ -15,7 +15,8 @@ from minbert.data import load_task, tensorize
 from minbert.model import SKIP_PADDING_FROM, BertModel
 from minbert.multitask import MultitaskBert
 from minbert.tokenizer import load_tokenizer
-from minbert.train import Trainer, build_model
+from minbert.run import build_model
+from minbert.trainer import Trainer
 
 from .conftest import ROOT
 

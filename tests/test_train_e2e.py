@@ -83,7 +83,8 @@ def test_finished_output_dir_is_refused(tiny_run, small_data):
 
 def test_heads_get_their_own_learning_rate_and_no_decay_on_vectors():
     from minbert.cli import train_parser
-    from minbert.train import build_model, build_optimizer
+    from minbert.optim.build import optimizer_for_run as build_optimizer
+    from minbert.run import build_model
 
     args = train_parser().parse_args(["--model_name_or_path", "bert-tiny", "--learning_rate", "2e-5",
                                       "--head_learning_rate", "3e-3", "--weight_decay", "0.1"])

@@ -1,0 +1,248 @@
+"""The resumable state of a training run: OUTPUT_DIR/last (everything needed to continue bit-identically) and
+OUTPUT_DIR/best (the best epoch's weights).
+
+``last`` holds the weights (model.safetensors, with the configs and tokenizer), the optimizer state
+(optimizer.pt), the scheduler, random generators and combiner/regularizer state (training_state.pt), and the
+loop's position and counters (trainer_state.json). Every directory is written beside the old one and swapped
+in whole (minbert.io.replace_dir). The functions here read and write a :class:`minbert.trainer.Trainer`'s
+state; reading checks every file first and names the one that is damaged or belongs to another run.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed
+from .io import atomic_save, atomic_write_text, published_dir, replace_dir
+from .multitask import load_weights
+from .output_dir import read_json
+
+# trainer_state.json: each key and the JSON types its value may have.
+TRAINER_STATE_KEYS = {
+    "global_step": int, "steps_per_epoch": int, "total_steps": int, "bad_steps": int, "bad_in_a_row": int,
+    "running": dict, "epoch_examples": (int, float), "epoch_seconds": (int, float), "best": (dict, type(None)),
+}
+BEST_KEYS = {"score": (int, float), "epoch": int, "step": int, "dev": dict}
+TRAINING_STATE_KEYS = ("scheduler", "rng", "combiner", "smart")
+
+
+def rng_state() -> dict:
+    """Every global random number generator: Python, NumPy, torch CPU and CUDA (plain types and tensors, so
+    the file loads with torch.load(weights_only=True))."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def component_state(obj) -> dict:
+    """The resumable state of a combiner or regularizer: its torch.Generators (e.g. PCGrad's task order) and
+    its ``state_dict()`` if it has one."""
+    if obj is None:
+        return {}
+    out = {"generators": {k: g.get_state() for k, g in vars(obj).items() if isinstance(g, torch.Generator)}}
+    if callable(getattr(obj, "state_dict", None)):
+        out["state"] = obj.state_dict()
+    return out
+
+
+def load_component_state(obj, state: dict) -> None:
+    if obj is None or not state:
+        return
+    for k, g_state in state.get("generators", {}).items():
+        getattr(obj, k).set_state(g_state)
+    if "state" in state:
+        obj.load_state_dict(state["state"])
+
+
+# ------------------------------------------------------------------------------------------------- writing
+def save_last(trainer) -> None:
+    """Write everything needed to continue bit-identically to ``out_dir/last`` (swapped in whole).
+
+    Skipped while non-finite steps are being skipped, so `last` always follows a good update.
+    """
+    t = trainer
+    if t.bad_in_a_row:
+        return
+    best = None
+    if t.best_state is not None:
+        best = {"score": t.best_score, "epoch": t.best_epoch, "step": t.best_step, "dev": t.best_scores}
+    state = {
+        "global_step": t.global_step, "epochs_done": t.global_step // t.steps_per_epoch,
+        "steps_per_epoch": t.steps_per_epoch, "total_steps": t.total_steps, "best": best,
+        "bad_steps": t.bad_steps, "bad_in_a_row": t.bad_in_a_row, "running": t.running,
+        "epoch_examples": t.epoch_examples, "epoch_seconds": t.epoch_seconds,
+        "world_size": distributed.world_size(),
+    }
+    extra = {"scheduler": t.scheduler.state_dict(), "rng": rng_state(),
+             "combiner": component_state(t.combiner), "smart": component_state(t.smart)}
+    if distributed.world_size() > 1:  # each rank's own random state (dropout), for a bit-identical resume
+        extra["rng_per_rank"] = distributed.all_gather_object(extra["rng"])
+        if callable(getattr(t.optimizer, "consolidate_state_dict", None)):
+            # An optimizer whose state is sharded over the ranks (M-FAC's window, torch's
+            # ZeroRedundancyOptimizer) gathers it on rank 0, whose state_dict() then holds all of it.
+            t.optimizer.consolidate_state_dict(to=0)
+    if not distributed.is_main():  # under torchrun only rank 0 writes; every rank holds the same state
+        t.last_saved_step = t.global_step
+        return
+
+    def write(d: Path) -> None:
+        t.model.save(d, t.tokenizer)
+        atomic_save(d / "optimizer.pt", lambda p: torch.save(t.optimizer.state_dict(), p))
+        atomic_save(d / "training_state.pt", lambda p: torch.save(extra, p))
+        atomic_write_text(d / "trainer_state.json", json.dumps(state, indent=2) + "\n")
+
+    replace_dir(t.out_dir / "last", write)
+    t.last_saved_step = t.global_step
+
+
+def save_best(trainer) -> None:
+    """Write the best epoch's weights (the model's current ones) to ``out_dir/best``, tagged with its step."""
+    t = trainer
+    if not distributed.is_main():
+        return
+    tag = {"epoch": t.best_epoch, "step": t.best_step, "dev": t.best_scores}
+
+    def write(d: Path) -> None:
+        t.model.save(d, t.tokenizer)
+        atomic_write_text(d / "best.json", json.dumps(tag, indent=2) + "\n")
+
+    replace_dir(t.out_dir / "best", write)
+
+
+# ------------------------------------------------------------------------------------------------- reading
+class DamagedCheckpoint(ValueError):
+    """A file of a checkpoint cannot be read or does not belong to this run."""
+
+    def __init__(self, path: Path, what: str):
+        super().__init__(f"--resume: {path}: {what}")
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def read_trainer_state(path: Path) -> dict:
+    """trainer_state.json, checked key by key."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DamagedCheckpoint(path, f"cannot read: {_first_line(e)}") from None
+    if not isinstance(state, dict):
+        raise DamagedCheckpoint(path, "not a trainer state (expected a JSON object)")
+    for key, types in TRAINER_STATE_KEYS.items():
+        if key not in state:
+            raise DamagedCheckpoint(path, f"not a trainer state (no {key!r})")
+        if not isinstance(state[key], types) or isinstance(state[key], bool):
+            raise DamagedCheckpoint(path, f"{key}: unexpected value {state[key]!r}")
+    for key, types in BEST_KEYS.items():
+        if state["best"] is not None and not isinstance(state["best"].get(key), types):
+            raise DamagedCheckpoint(path, f"best.{key}: unexpected value {state['best'].get(key)!r}")
+    return state
+
+
+def read_weights(path: Path, model: torch.nn.Module, device) -> dict[str, torch.Tensor]:
+    """A model.safetensors whose names and shapes are this model's (not another model size's)."""
+    try:
+        weights = load_weights(path, device)
+    except ValueError as e:  # its message names the file
+        raise ValueError(f"--resume: {_first_line(e)}") from None
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    if missing or unexpected:
+        raise DamagedCheckpoint(path, f"does not match this run's model (missing {missing[:3]}, unexpected "
+                                      f"{unexpected[:3]}); was it written with other --tasks or heads?")
+    for k, v in weights.items():
+        if v.shape != own[k].shape:
+            raise DamagedCheckpoint(path, f"weight {k} has shape {tuple(v.shape)}, this run's model "
+                                          f"{tuple(own[k].shape)}: written by another model size?")
+    return weights
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
+        raise DamagedCheckpoint(path, f"cannot read: {_first_line(e)}") from None
+
+
+def restore(trainer, directory: Path) -> None:
+    """Continue from a `last` checkpoint: weights, optimizer, scheduler, RNGs (set when train() starts, after
+    everything that draws random numbers while building the run), position, best epoch, counters.
+    Every file is read and checked before the trainer changes."""
+    t = trainer
+    state = read_trainer_state(directory / "trainer_state.json")
+    if state.get("world_size", 1) != distributed.world_size():
+        raise ValueError(f"--resume: {directory} was written by a run of {state.get('world_size', 1)} process(es), "
+                         f"this one has {distributed.world_size()}; resume with the same torchrun --nnodes and "
+                         "--nproc_per_node (the global batch depends on them)")
+    if (state["steps_per_epoch"], state["total_steps"]) != (t.steps_per_epoch, t.total_steps):
+        raise ValueError(f"--resume: {directory} has {state['steps_per_epoch']} steps/epoch and "
+                         f"{state['total_steps']} in all, this run {t.steps_per_epoch} and {t.total_steps}; "
+                         "resume with the same data and flags")
+    model_state = read_weights(directory / "model.safetensors", t.model, t.device)
+    optim_state = _torch_load(directory / "optimizer.pt")
+    if not isinstance(optim_state, dict) or "param_groups" not in optim_state:
+        raise DamagedCheckpoint(directory / "optimizer.pt", "not an optimizer state")
+    extra_path = directory / "training_state.pt"
+    extra = _torch_load(extra_path)
+    if not isinstance(extra, dict) or any(k not in extra for k in TRAINING_STATE_KEYS):
+        raise DamagedCheckpoint(extra_path, "not a training state (scheduler, rng, combiner, smart)")
+    per_rank = extra.get("rng_per_rank")  # torchrun: each rank continues its own random stream
+    rng = per_rank[distributed.rank()] if per_rank else extra["rng"]
+    now = rng_state()
+    try:  # setting it once checks it; the generators go back to where they were until train() starts
+        set_rng_state(rng)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise DamagedCheckpoint(extra_path, f"rng: {_first_line(e)}") from None
+    finally:
+        set_rng_state(now)
+
+    t.model.load_state_dict(model_state)
+    for path, load in ((directory / "optimizer.pt", lambda: t.optimizer.load_state_dict(optim_state)),
+                       (extra_path, lambda: (t.scheduler.load_state_dict(extra["scheduler"]),
+                                             load_component_state(t.combiner, extra["combiner"]),
+                                             load_component_state(t.smart, extra["smart"])))):
+        try:
+            load()
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+            raise DamagedCheckpoint(path, f"does not fit this run: {_first_line(e)}") from None
+    t._rng_to_restore = rng
+    t.global_step = t.last_saved_step = state["global_step"]
+    t.bad_steps, t.bad_in_a_row = state["bad_steps"], state["bad_in_a_row"]
+    t.running = {task: list(state["running"].get(task, [])) for task in t.tasks}
+    t.epoch_examples, t.epoch_seconds = state["epoch_examples"], state["epoch_seconds"]
+    best = state["best"]
+    if best is None:
+        return
+    t.best_score, t.best_epoch, t.best_step, t.best_scores = best["score"], best["epoch"], best["step"], best["dev"]
+    best_dir = published_dir(t.out_dir / "best")
+    tag = read_json(best_dir / "best.json") if best_dir is not None else None
+    tag_step = tag.get("step") if isinstance(tag, dict) else None
+    if best["step"] == t.global_step:  # the best epoch is the one `last` holds
+        t.best_state = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+        if tag_step != best["step"]:  # killed between writing `last` and `best`
+            save_best(t)
+    elif tag_step == best["step"]:
+        t.best_state = read_weights(best_dir / "model.safetensors", t.model, t.device)
+    else:
+        raise ValueError(f"--resume: {t.out_dir / 'best'} does not hold the best epoch ({best['epoch']}) "
+                         f"recorded in {directory}; start over with --overwrite_output_dir")
