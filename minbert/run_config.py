@@ -235,10 +235,11 @@ class RunConfig:
         # a user's class (package.module:Class) is imported and built here, so a mistake stops the run at once
         try:
             build_combiner(self.combiner, self.seed, self.combiner_args)
-        except ValueError as e:
+        except ValueError as e:  # the message names the flag already
             key = "combiner_args" if str(e).startswith("--combiner_args") else "combiner"
-            message = str(e).split(": ", 1)[1] if str(e).startswith(f"--{key}") else str(e)
-            self.fail(key, message)
+            if key in self.from_file:
+                self.fail(key, str(e))
+            raise ConfigError(str(e)) from None
 
     def _check_paths(self) -> None:
         if not os.path.isdir(self.data_dir):

@@ -351,7 +351,7 @@ def test_torchrun_two_processes_cross_with_smart_train_like_one(small_data, tmp_
     noise for the joint sequence's single column (distributed.batch_noise) and sharded prediction."""
     import torch.multiprocessing as mp
 
-    import minbert.train as train
+    import minbert.run as train  # build_model lives in minbert.run
 
     from .test_distributed import PER_DEVICE, WORLD, _worker, common, free_port, losses, weights, without_dropout
 

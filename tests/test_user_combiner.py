@@ -40,9 +40,6 @@ def test_the_worked_example_trains_a_tiny_run_by_import_path(small_data, tmp_pat
     assert json.loads((tmp_path / "results.json").read_text())["dev"]["overall"] is not None
 
 
-@pytest.mark.xfail(strict=True, reason="needs the one-line wiring in minbert/train.py (Trainer.__init__): "
-                                       "build_combiner(args.combiner, args.seed, args.combiner_args); "
-                                       "remove this mark once it is in")
 def test_combiner_args_reach_the_run(small_data, tmp_path, one_thread):
     spec = f"{EXAMPLE}:UncertaintyWeighting"  # the file-path form
     args = tiny_run_args(small_data, tmp_path, spec, "--combiner_args", '{"init_log_variance": 2.0, "lr": 0.001}')
