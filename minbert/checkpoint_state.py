@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .io import atomic_save, atomic_write_text, published_dir, replace_dir
+from .io import atomic_save, atomic_write_text, check_regular_file, published_dir, read_json_file, replace_dir
 from .multitask import load_weights
 from .output_dir import read_json
 
@@ -143,8 +143,8 @@ def _first_line(e: BaseException) -> str:
 def read_trainer_state(path: Path) -> dict:
     """trainer_state.json, checked key by key."""
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+        state = read_json_file(path)  # a FIFO or other non-regular file is refused, not waited on
+    except (OSError, ValueError) as e:
         raise DamagedCheckpoint(path, f"cannot read: {_first_line(e)}") from None
     if not isinstance(state, dict):
         raise DamagedCheckpoint(path, "not a trainer state (expected a JSON object)")
@@ -179,7 +179,7 @@ def read_weights(path: Path, model: torch.nn.Module, device) -> dict[str, torch.
 
 def _torch_load(path: Path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(check_regular_file(path), map_location="cpu", weights_only=True)
     except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
         raise DamagedCheckpoint(path, f"cannot read: {_first_line(e)}") from None
 

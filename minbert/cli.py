@@ -13,6 +13,7 @@ import sys
 
 from .config import PRESETS
 from .data import DEFAULT_TASKS, TASKS
+from .io import read_json_file
 from .metrics import format_scores  # noqa: F401  (re-exported: it lived here)
 from .run_config import MIN_SEQ_LENGTH, OPTIMIZER_NAMES, PARA_HEADS, POOLINGS, REPORT_TO, ConfigError, RunConfig
 
@@ -250,10 +251,9 @@ def apply_config_file(p: argparse.ArgumentParser, argv: list[str] | None) -> dic
         p.exit(2, f"error: {msg}\n")
 
     try:
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        fail(f"--config {path}: cannot read: {e}")
+        values = read_json_file(path)  # a FIFO or directory is refused at once, not waited on
+    except ValueError as e:  # DataError: one line naming the file (and line)
+        fail(f"--config {e}")
     if not isinstance(values, dict):
         fail(f"--config {path}: expected a JSON object of flag names and values")
     actions = {a.dest: a for a in p._actions if a.option_strings and a.dest not in ("help", "config")}

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .io import published_dir, remove_stale_temps
+from .io import published_dir, read_json_file, remove_stale_temps
 
 # What a run writes in --output_dir (--overwrite_output_dir removes these, and nothing else, before starting).
 RUN_OUTPUTS = ("args.json", "metrics.jsonl", "results.json", "last", "best", "predictions", "tensorboard")
@@ -23,8 +23,8 @@ def settings(config) -> dict:
 def read_json(path: Path):
     """The JSON value in ``path``, or None if it cannot be read (a missing or damaged file)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json_file(path)
+    except (OSError, ValueError):  # DataError is a ValueError
         return None
 
 
