@@ -64,8 +64,8 @@ def linear_forward(xs):
 
 
 def test_ball_perturbation_closed_form():
-    # --smart_projection ball. MSE(f(x + δ), f(x)) = mean_b <δ_b, W>^2; the normalized ascent direction is sign(<δ_b, W>) W / ||W||_inf,
-    # whose entries are at least 0.25 in size; with η = 1 every entry of δ overshoots the ε = 0.1 ball, so after
+    # --smart_projection ball. MSE(f(x + δ), f(x)) = mean_b <δ_b, W>^2; the normalized ascent direction is
+    # sign(<δ_b, W>) W / ||W||_inf, whose entries are at least 0.25 in size; with η = 1 every entry of δ overshoots the ε = 0.1 ball, so after
     # one step δ_b = ε sign(<δ_b, W>) sign(W) and the divergence is (ε ||W||_1)^2 = 0.36 for every example.
     torch.manual_seed(0)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
