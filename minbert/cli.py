@@ -77,7 +77,8 @@ def _bf16(text: str) -> str:
 def train_parser() -> argparse.ArgumentParser:
     from .heads import DEFAULT_PARA_HEAD, DEFAULT_STS_HEAD, STS_HEADS
     from .precision import DEFAULT_BF16
-    from .smart import BREGMAN_BETA, BREGMAN_MU, SMART_EPSILON, SMART_ETA, SMART_LAMBDA, SMART_SIGMA, SMART_STEPS
+    from .smart import (BREGMAN_BETA, BREGMAN_MU, SMART_ETA, SMART_LAMBDA, SMART_PROJECTION, SMART_PROJECTIONS,
+                        SMART_SIGMA, SMART_STEPS)
 
     p = argparse.ArgumentParser(
         prog="train_multitask.py",
@@ -165,8 +166,13 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--smart_steps", type=_nonneg_int, default=SMART_STEPS, help="SMART: ascent steps on the perturbation")
     g.add_argument("--smart_lambda", type=_nonneg_float, default=SMART_LAMBDA, help="SMART: regularizer weight lambda")
     g.add_argument("--smart_eta", type=_nonneg_float, default=SMART_ETA, help="SMART: ascent step size eta")
-    g.add_argument("--smart_epsilon", type=_nonneg_float, default=SMART_EPSILON,
-                   help="SMART: perturbation max-norm bound epsilon")
+    g.add_argument("--smart_projection", choices=SMART_PROJECTIONS, default=SMART_PROJECTION,
+                   help="SMART's perturbation: none = the MT-DNN library's (x + eta * per-token normalized gradient, "
+                        "no bound), ball = the paper read literally (projected into the max-norm ball of radius "
+                        "epsilon); docs/multitask.md")
+    g.add_argument("--smart_epsilon", type=_nonneg_float, default=None,
+                   help="SMART: with --smart_projection ball the max-norm radius (default 1e-5); with none only the "
+                        "stabiliser of the gradient's normalization (default 1e-30)")
     g.add_argument("--smart_sigma", type=_nonneg_float, default=SMART_SIGMA, help="SMART: initial noise std sigma")
     g.add_argument("--bregman", action="store_true",
                    help="with --smart: add the Bregman proximal-point term against an EMA copy of the model")
@@ -342,8 +348,17 @@ def evaluate_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_dir", default="data", help="folder holding the task files (gold labels)")
     g.add_argument("--allow_partial", action="store_true",
                    help="score only the ids present (runs made with --max_eval_samples)")
+    g = p.add_argument_group("uncertainty (minbert/significance.py)")
+    g.add_argument("--ci", action="store_true",
+                   help="add a 95%% bootstrap confidence interval to every dev score (each task's dev examples "
+                        "resampled, fixed seed, 2000 resamples)")
+    g.add_argument("--compare", metavar="B", default=None,
+                   help="a second prediction folder over the same dev examples: the paired difference "
+                        "PREDICTIONS - B of every dev score, its 95%% paired-bootstrap interval and p-value")
     g = p.add_argument_group("output")
-    g.add_argument("--json", action="store_true", help="print the scores as JSON instead of a Markdown table")
+    g.add_argument("--json", action="store_true",
+                   help="print the scores as JSON instead of a Markdown table (with --ci also \"dev_ci\": "
+                        "{score: [low, high]}; with --compare also \"compare\": {score: {diff, ci, p, a, b}})")
     return p
 
 
@@ -354,7 +369,27 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
     def go():
         results = score_prediction_dir(args.predictions, args.data_dir, args.allow_partial)
-        print(json.dumps(results, indent=2) if args.json else format_scores(results) if results
-              else "prediction files are valid; no gold labels to score them against")
+        extra = {}
+        if args.ci or args.compare:
+            from . import significance as sig
+
+            dev = sig.read_dev_predictions(args.predictions, args.data_dir, args.allow_partial)
+            if not dev:
+                raise ValueError(f"--{'ci' if args.ci else 'compare'}: {args.predictions} has no dev predictions "
+                                 "with gold labels")
+            if args.ci:
+                extra["dev_ci"] = sig.confidence_intervals(dev)
+            if args.compare:
+                score_prediction_dir(args.compare, args.data_dir, args.allow_partial)  # B passes A's checks too
+                other = sig.read_dev_predictions(args.compare, args.data_dir, args.allow_partial)
+                extra["compare"] = sig.paired_comparison(dev, other, args.predictions, args.compare)
+        if args.json:
+            print(json.dumps({**results, **extra}, indent=2))
+            return
+        print(format_scores(results) if results else "prediction files are valid; no gold labels to score them against")
+        if "dev_ci" in extra:
+            print("\n" + sig.format_intervals(results["dev"], extra["dev_ci"]))
+        if "compare" in extra:
+            print("\n" + sig.format_comparison(extra["compare"], args.predictions, args.compare))
 
     return _run_user_command(go)

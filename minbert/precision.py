@@ -51,15 +51,16 @@ def native_bf16(device: torch.device, cpuinfo: str | Path = "/proc/cpuinfo") -> 
     return bool(cpu_flags(cpuinfo) & set(NATIVE_BF16_CPU_FLAGS))
 
 
-def resolve_bf16(mode: str | bool | None, device: torch.device, smart: bool = False) -> str:
-    """``on`` or ``off`` for a --bf16 value on ``device``. ``auto`` stays float32 with SMART, whose 1e-5
-    perturbation is below bfloat16's resolution (an explicit ``on`` with SMART is refused by the CLI)."""
+def resolve_bf16(mode: str | bool | None, device: torch.device, smart_ball: bool = False) -> str:
+    """``on`` or ``off`` for a --bf16 value on ``device``. ``auto`` stays float32 with SMART's projected form
+    (``--smart_projection ball``), whose 1e-5 perturbation is below bfloat16's resolution (an explicit ``on`` with
+    it is refused by RunConfig.validate)."""
     if mode in (True, "on"):
         return "on"
     if mode in (False, None, "off"):
         return "off"
     if mode == "auto":
-        return "on" if not smart and native_bf16(device) else "off"
+        return "on" if not smart_ball and native_bf16(device) else "off"
     raise ValueError(f"--bf16 {mode}: choose {', '.join(BF16_MODES)}")
 
 

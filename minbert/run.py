@@ -124,7 +124,8 @@ def run(config) -> dict[str, float]:
     if config.report_to == "tensorboard":
         MetricsLog.tensorboard_writer_class()  # a missing package fails before any data is read
     device = distributed.init(resolve_device(config.device))  # torchrun: join the process group; cuda:LOCAL_RANK
-    config.bf16 = resolve_bf16(config.bf16, device, config.smart)  # auto -> on/off, before args.json is written
+    # auto -> on/off, before args.json is written
+    config.bf16 = resolve_bf16(config.bf16, device, config.smart and config.smart_projection == "ball")
     resume_from = distributed.on_main(check_output_dir, config)  # a taken --output_dir is refused before any work
     set_seed(config.seed)
     source = config.checkpoint if config.predict_only else config.model_name_or_path

@@ -3,13 +3,20 @@
 
 The training objective of §3 is  min_θ L(θ) + λ R_s(θ)  (+ μ D_Breg(θ, θ̃) with the proximal point), where
 
-    R_s(θ) = 1/n Σ_i  max_{||x̃_i - x_i||_∞ ≤ ε}  ℓ_s(f(x̃_i; θ), f(x_i; θ))
+    R_s(θ) = 1/n Σ_i  ℓ_s(f(x_i + δ_i; θ), f(x_i; θ))
 
-and x_i is the embedding-layer output of example i (the report's §4.4: "the first embedding layer"). The inner
-max is approximated as in Algorithm 1: start from x_i + ν, ν ~ N(0, σ²I), then take ``steps`` ascent steps of size
-η along the gradient normalized by its max-norm, projecting the perturbation back into the ε max-norm ball after
-each. ℓ_s is the symmetric KL divergence for classification (softmax for SST, Bernoulli for the QQP logit) and
-the squared error for regression (STS).
+x_i is the embedding-layer output of example i (the report's §4.4: "the first embedding layer") and δ_i an
+adversarial perturbation found by ``steps`` normalized gradient-ascent steps from random noise ν ~ N(0, σ²I).
+ℓ_s is the symmetric KL divergence for classification (softmax for SST, Bernoulli for the QQP logit) and the
+squared error for regression (STS). Two forms of δ (``projection``):
+
+* ``"none"`` (default): the authors' MT-DNN library, which the report says it used (mt_dnn/perturbation.py).
+  The ascent direction is normalized per token, d = g / (max_h |g_h| + ε), where the max runs over the token's
+  hidden vector and ε only keeps the division finite; the perturbed input is x + η·d (the noise only chooses
+  where the first gradient is taken), with no projection. The largest |δ| of a token is therefore about η.
+* ``"ball"``: the paper's Algorithm 1 read literally: start from x + ν, step by η·g / ||g||_∞ (per example),
+  project onto the max-norm ball ||δ||_∞ ≤ ε after each step. With ε = 1e-5 next to embedding entries of order
+  1, this δ is too small to change the output measurably (docs/multitask.md, "SMART: the size of δ").
 
 Memory: the report's SMART + GSE run died out of memory. Here the ascent passes differentiate only with respect to
 the perturbation (``torch.autograd.grad`` on δ, with the model's parameters frozen and the clean embeddings
@@ -29,6 +36,17 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 # The report's settings (§4.4), also the paper's defaults: λ, η, ε, σ; plus the Bregman proximal point's μ, β.
 SMART_LAMBDA, SMART_ETA, SMART_EPSILON, SMART_SIGMA, SMART_STEPS = 5.0, 1e-3, 1e-5, 1e-5, 1
 BREGMAN_MU, BREGMAN_BETA = 1.0, 0.99
+# The form of δ: "none" = the MT-DNN library's (no projection, ε a stabiliser), "ball" = the paper-literal ε-ball.
+SMART_PROJECTIONS = ("none", "ball")
+SMART_PROJECTION = "none"
+
+
+def default_epsilon(projection: str) -> float:
+    """ε when none is given. ``ball``: the report's radius 1e-5. ``none``: 1e-30, a pure stabiliser (it keeps a
+    padding token's zero gradient a zero step). The report's 1e-5 is no stabiliser there: in eval mode the
+    per-token gradients at the initial noise are about 1e-10 (minilm-l6, docs/multitask.md), so g / (max|g| + 1e-5)
+    would shrink δ to about 1e-8 instead of η."""
+    return SMART_EPSILON if projection == "ball" else 1e-30
 
 
 def divergence(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
@@ -65,6 +83,21 @@ def frozen(params: Iterable[nn.Parameter]):
             p.requires_grad_(True)
 
 
+def _normalized_direction(grads: list[torch.Tensor], epsilon: float, projection: str) -> list[torch.Tensor]:
+    """The ascent direction g̃ of each sentence tensor's gradient g (batch, seq, hidden).
+
+    ``none`` (MT-DNN): g / (max |g| over each token's hidden vector + ε), so every token that moves the output
+    gets a step whose largest entry is about η, as long as ε is far below its gradient (:func:`default_epsilon`).
+    ``ball`` (Algorithm 1): g / ||g_i||_∞, the max-norm of example i over all its sentences' tokens. A zero
+    gradient stays a zero step in both."""
+    if projection == "none":
+        tiny = torch.finfo(grads[0].dtype).tiny  # a zero gradient stays a zero step in any float type
+        return [g / (g.abs().amax(-1, keepdim=True) + epsilon).clamp_min(tiny) for g in grads]
+    g_max = torch.stack([g.abs().flatten(1).amax(1) for g in grads]).amax(0)
+    g_max = g_max.clamp_min(torch.finfo(g_max.dtype).tiny).view(-1, *([1] * (grads[0].dim() - 1)))
+    return [g / g_max for g in grads]
+
+
 def adversarial_perturbation(
     forward: Callable[[list[torch.Tensor]], torch.Tensor],
     embeds: list[torch.Tensor],
@@ -72,37 +105,51 @@ def adversarial_perturbation(
     kind: str,
     steps: int = SMART_STEPS,
     eta: float = SMART_ETA,
-    epsilon: float = SMART_EPSILON,
+    epsilon: float | None = None,
     sigma: float = SMART_SIGMA,
     frozen_params: Iterable[nn.Parameter] = (),
     noise: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+    projection: str = SMART_PROJECTION,
 ) -> list[torch.Tensor]:
-    """The perturbations δ (one per sentence tensor in ``embeds``, shape (batch, seq, hidden)) of Algorithm 1:
-    δ ← ν ~ N(0, σ²I); then ``steps`` times: g = ∇_δ ℓ_s(f(x + δ), f(x)) with f(x) detached, g̃ = g / ||g||_∞
-    (per example, over all its sentences' tokens), δ ← Π_{||δ||_∞ ≤ ε}(δ + η g̃). The initial noise is projected
-    too, so |δ| ≤ ε elementwise even with ``steps=0``. Returned detached.
+    """The perturbations δ (one per sentence tensor in ``embeds``, shape (batch, seq, hidden)), returned detached.
+
+    Both forms start at ν ~ N(0, σ²I) and take ``steps`` ascent steps on g = ∇_δ ℓ_s(f(x + δ), f(x)), with
+    f(x) detached:
+
+    * ``projection="none"`` (MT-DNN's library): δ ← η g̃ at the first step (the noise is dropped, as in the
+      library: the perturbed input is x + η·direction), δ ← δ + η g̃ at any later one, with the per-token
+      g̃ = g / (max_h |g_h| + ε); no bound on δ. With ``steps=0`` δ is the noise ν.
+    * ``projection="ball"`` (Algorithm 1 read literally): δ ← Π_{||δ||_∞ ≤ ε}(δ + η g / ||g||_∞), the max-norm
+      per example; the initial noise is projected too, so |δ| ≤ ε elementwise even with ``steps=0``.
 
     ``noise`` maps ``embeds`` to standard normal tensors of their shapes (default: ``torch.randn_like`` of
     each); under torchrun each rank draws its rows of the global batch's noise (distributed.batch_noise)."""
+    if projection not in SMART_PROJECTIONS:
+        raise ValueError(f"SMART: unknown projection {projection!r} ({', '.join(SMART_PROJECTIONS)})")
+    ball = projection == "ball"
+    epsilon = default_epsilon(projection) if epsilon is None else epsilon
     embeds = [e.detach() for e in embeds]
     target = clean_output.detach()
-    if noise is None:
-        deltas = [(torch.randn_like(e) * sigma).clamp_(-epsilon, epsilon) for e in embeds]
-    else:
-        deltas = [(nu * sigma).clamp_(-epsilon, epsilon) for nu in noise(embeds)]
+    nus = [torch.randn_like(e) for e in embeds] if noise is None else noise(embeds)
+    deltas = [nu * sigma for nu in nus]
+    if ball:
+        deltas = [d.clamp_(-epsilon, epsilon) for d in deltas]
     with frozen(frozen_params):
-        for _ in range(steps):
+        for step in range(steps):
             for d in deltas:
                 d.requires_grad_(True)
             div = divergence(forward([e + d for e, d in zip(embeds, deltas)]), target, kind)
             grads = torch.autograd.grad(div, deltas)  # frees this pass's graph
             del div
-            # ||g_i||_∞ of each example i over both sentences of a pair; a zero gradient stays a zero step.
-            g_max = torch.stack([g.abs().flatten(1).amax(1) for g in grads]).amax(0)
-            g_max = g_max.clamp_min(torch.finfo(g_max.dtype).tiny).view(-1, *([1] * (grads[0].dim() - 1)))
-            deltas = [(d.detach() + eta * g / g_max).clamp_(-epsilon, epsilon) for d, g in zip(deltas, grads)]
+            directions = _normalized_direction(grads, epsilon, projection)
             del grads
-    return deltas
+            if ball:
+                deltas = [(d.detach() + eta * g).clamp_(-epsilon, epsilon) for d, g in zip(deltas, directions)]
+            elif step == 0:
+                deltas = [eta * g for g in directions]
+            else:
+                deltas = [d.detach() + eta * g for d, g in zip(deltas, directions)]
+    return [d.detach() for d in deltas]
 
 
 def smart_loss(
@@ -112,16 +159,17 @@ def smart_loss(
     kind: str,
     steps: int = SMART_STEPS,
     eta: float = SMART_ETA,
-    epsilon: float = SMART_EPSILON,
+    epsilon: float | None = None,
     sigma: float = SMART_SIGMA,
     frozen_params: Iterable[nn.Parameter] = (),
     noise: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+    projection: str = SMART_PROJECTION,
 ) -> torch.Tensor:
     """R_s(θ) for one batch (unweighted): ℓ_s(f(x + δ; θ), f(x; θ)) at the adversarial δ of
     :func:`adversarial_perturbation`. ``forward`` maps embedding-layer outputs to the head's output. Gradients
     flow to θ through both outputs, and to the embedding layer through x; δ itself is a constant."""
     deltas = adversarial_perturbation(forward, embeds, clean_output, kind, steps, eta, epsilon, sigma, frozen_params,
-                                      noise)
+                                      noise, projection)
     perturbed = forward([e + d for e, d in zip(embeds, deltas)])
     return divergence(perturbed, clean_output, kind)
 
@@ -136,18 +184,31 @@ class SmartRegularizer:
     """
 
     def __init__(self, lam: float = SMART_LAMBDA, steps: int = SMART_STEPS, eta: float = SMART_ETA,
-                 epsilon: float = SMART_EPSILON, sigma: float = SMART_SIGMA, bregman: bool = False,
-                 bregman_mu: float = BREGMAN_MU, bregman_beta: float = BREGMAN_BETA):
+                 epsilon: float | None = None, sigma: float = SMART_SIGMA, bregman: bool = False,
+                 bregman_mu: float = BREGMAN_MU, bregman_beta: float = BREGMAN_BETA,
+                 projection: str = SMART_PROJECTION):
+        if projection not in SMART_PROJECTIONS:
+            raise ValueError(f"SMART: unknown projection {projection!r} ({', '.join(SMART_PROJECTIONS)})")
+        epsilon = default_epsilon(projection) if epsilon is None else epsilon
         self.lam, self.steps, self.eta, self.epsilon, self.sigma = lam, steps, eta, epsilon, sigma
+        self.projection = projection
         self.bregman, self.bregman_mu, self.bregman_beta = bregman, bregman_mu, bregman_beta
         self.ema: AveragedModel | None = None  # θ̃, created at the first call (θ̃_1 = θ_0)
         self._ema_state: dict | None = None  # θ̃ from a resumed run, loaded when the copy is created
+        self._last: dict[str, torch.Tensor] = {}  # λ R_s of the last call per task, detached (read lazily)
 
     @classmethod
     def from_args(cls, args) -> "SmartRegularizer":
         return cls(lam=args.smart_lambda, steps=args.smart_steps, eta=args.smart_eta, epsilon=args.smart_epsilon,
                    sigma=args.smart_sigma, bregman=args.bregman, bregman_mu=args.bregman_mu,
-                   bregman_beta=args.bregman_beta)
+                   bregman_beta=args.bregman_beta, projection=getattr(args, "smart_projection", SMART_PROJECTION))
+
+    @property
+    def last_values(self) -> dict[str, float]:
+        """{task: λ R_s} of the last call for each task (without the Bregman term), for metrics.jsonl's
+        ``smart_<task>``: a user can see that the regularizer is alive. Read as floats only here, so a GPU step
+        does not wait for it."""
+        return {task: float(v) for task, v in self._last.items()}
 
     def __call__(self, model: nn.Module, task: str, embeds: list[torch.Tensor], batch: dict[str, torch.Tensor],
                  clean_output: torch.Tensor,
@@ -159,7 +220,9 @@ class SmartRegularizer:
             return model.forward_embedded(task, xs, batch)
 
         reg = self.lam * smart_loss(forward, embeds, clean_output, kind, self.steps, self.eta, self.epsilon,
-                                    self.sigma, frozen_params=model.parameters(), noise=noise)
+                                    self.sigma, frozen_params=model.parameters(), noise=noise,
+                                    projection=self.projection)
+        self._last[task] = reg.detach()
         if self.bregman:
             reg = reg + self.bregman_mu * self.bregman_term(model, task, batch, clean_output)
         return reg
@@ -207,4 +270,4 @@ def ema_copy(model: nn.Module, beta: float) -> AveragedModel:
     return ema
 
 
-__all__ = ["SmartRegularizer", "smart_loss", "adversarial_perturbation", "divergence", "ema_copy"]
+__all__ = ["SmartRegularizer", "smart_loss", "adversarial_perturbation", "divergence", "ema_copy", "SMART_PROJECTIONS"]

@@ -49,7 +49,8 @@ def amp_dtype(config) -> torch.dtype | None:
     mode = getattr(config, "bf16", "off")
     if mode == "auto":
         cuda = torch.cuda.is_available() and getattr(config, "device", "auto") != "cpu"
-        mode = resolve_bf16(mode, torch.device("cuda" if cuda else "cpu"), getattr(config, "smart", False))
+        ball = getattr(config, "smart", False) and getattr(config, "smart_projection", "none") == "ball"
+        mode = resolve_bf16(mode, torch.device("cuda" if cuda else "cpu"), ball)
     return torch.bfloat16 if mode in ("on", True) else None
 
 
@@ -250,7 +251,9 @@ class Trainer:
         avg = {f"loss_{t}": float(np.mean(v)) for t, v in self.running.items() if v}
         bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in avg.items()})
         examples_per_s = self.epoch_examples / (time.perf_counter() - t0)
-        self.metrics.write(step=self.global_step, epoch=epoch + 1, **avg, lr=self.scheduler.get_last_lr()[0],
+        # SMART's term (lambda * R_s) of each task at the last step, so a user can see the regularizer is alive
+        smart = {f"smart_{t}": v for t, v in self.smart.last_values.items()} if self.smart is not None else {}
+        self.metrics.write(step=self.global_step, epoch=epoch + 1, **avg, **smart, lr=self.scheduler.get_last_lr()[0],
                            examples_per_s=examples_per_s, bad_steps=self.bad_steps)
         self.progress.log(epoch + 1, self.global_step, {k[5:]: v for k, v in avg.items()}, examples_per_s)
         self.running = {t: [] for t in self.tasks}

@@ -47,8 +47,9 @@ def usage_error(main, argv, capsys) -> str:
     (["--predict_only"], "--predict_only needs --checkpoint DIR"),
     (["--resume", "--predict_only", "--checkpoint", "x"], "--resume cannot be combined with --predict_only"),
     (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
-    (["--smart", "--bf16"], "--smart with --bf16: SMART's perturbation (--smart_epsilon, 1e-5 by default) is below "
-                            "bfloat16's resolution and would vanish; run SMART in float32 (drop --bf16)"),
+    (["--smart", "--bf16", "--smart_projection", "ball"],
+     "--smart_projection ball with --bf16: the ball's perturbation (radius --smart_epsilon, 1e-5 by default) is "
+     "below bfloat16's resolution, so the regularizer measures rounding; drop --bf16 or use --smart_projection none"),
 ])
 def test_train_flag_mistakes(capsys, argv, message):
     if "--data_dir" not in argv:

@@ -62,7 +62,7 @@ def test_resolve(monkeypatch):
     monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     cpu = torch.device("cpu")
     assert [resolve_bf16(m, cpu) for m in ("auto", "on", "off", True, False)] == ["on", "on", "off", "on", "off"]
-    assert resolve_bf16("auto", cpu, smart=True) == "off"  # SMART's 1e-5 perturbation needs float32
+    assert resolve_bf16("auto", cpu, smart_ball=True) == "off"  # the projected SMART form needs float32
     monkeypatch.setattr(precision, "native_bf16", lambda device: False)
     assert resolve_bf16("auto", cpu) == "off" and resolve_bf16("on", cpu) == "on"
     with pytest.raises(ValueError, match="choose auto, on, off"):

@@ -1,7 +1,11 @@
-"""SMART (Jiang et al. 2020): divergences on hand-computed distributions, the perturbation's ε-ball, a closed-form
-adversarial answer, gradients into the encoder, the Bregman EMA, and an end-to-end run with GSE."""
+"""SMART (Jiang et al. 2020): divergences on hand-computed distributions, the size of δ under both forms (the MT-DNN
+library's default and the paper-literal ε-ball), closed-form adversarial answers, the divergence on minilm-l6, bf16,
+gradients into the encoder, the Bregman EMA, peak memory with GSE, and an end-to-end run with GSE."""
+import importlib.util
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +15,8 @@ from minbert.config import BertConfig
 from minbert.model import BertModel
 from minbert.multitask import MultitaskBert, MultitaskConfig
 from minbert.smart import SmartRegularizer, adversarial_perturbation, divergence, smart_loss
+
+from .conftest import DATA, ROOT
 
 LN9 = math.log(9.0)
 
@@ -57,30 +63,67 @@ def linear_forward(xs):
     return (xs[0] * W).sum((1, 2))
 
 
-def test_adversarial_perturbation_closed_form():
-    # MSE(f(x + δ), f(x)) = mean_b <δ_b, W>^2; the normalized ascent direction is sign(<δ_b, W>) W / ||W||_inf,
-    # whose entries are at least 0.25 in size; with η = 1 every entry of δ overshoots the ε = 0.1 ball, so after
+def test_ball_perturbation_closed_form():
+    # --smart_projection ball. MSE(f(x + δ), f(x)) = mean_b <δ_b, W>^2; the normalized ascent direction is
+    # sign(<δ_b, W>) W / ||W||_inf, whose entries are at least 0.25 in size; with η = 1 every entry of δ overshoots the ε = 0.1 ball, so after
     # one step δ_b = ε sign(<δ_b, W>) sign(W) and the divergence is (ε ||W||_1)^2 = 0.36 for every example.
     torch.manual_seed(0)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     clean = linear_forward([x])
-    (delta,) = adversarial_perturbation(linear_forward, [x], clean, "score", steps=1, eta=1.0, epsilon=0.1, sigma=0.05)
+    (delta,) = adversarial_perturbation(linear_forward, [x], clean, "score", steps=1, eta=1.0, epsilon=0.1, sigma=0.05,
+                                        projection="ball")
     assert torch.allclose(delta.abs(), torch.full_like(delta, 0.1))
     signs = torch.sign((delta * W).sum((1, 2)))
     torch.testing.assert_close(delta, 0.1 * signs.view(-1, 1, 1) * torch.sign(W).expand_as(delta))
-    reg = smart_loss(linear_forward, [x], clean, "score", steps=1, eta=1.0, epsilon=0.1, sigma=0.05)
+    reg = smart_loss(linear_forward, [x], clean, "score", steps=1, eta=1.0, epsilon=0.1, sigma=0.05,
+                     projection="ball")
     assert reg.item() == pytest.approx(0.36)
 
 
+@pytest.mark.parametrize("steps", [1, 2])
+def test_library_perturbation_closed_form(steps):
+    # The default (MT-DNN). g = ∇_δ mean_b <δ_b, W>^2 is 2 <δ_b, W> W / B, so each token's direction
+    # g / max|g| is sign(<δ_b, W>) times its row of W divided by that row's max |W|: [0.5, -1, 0.25] and
+    # [0.5, 1, -1]. δ = η times that (the noise is dropped); a second step adds the same again, since
+    # <η W̃, W> > 0 keeps the sign. The largest |δ| of every token is η, whatever σ.
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    torch.manual_seed(1)
+    nu = torch.randn_like(x) * 1e-5
+    signs = torch.sign((nu * W).sum((1, 2))).view(-1, 1, 1)
+    (delta,) = adversarial_perturbation(linear_forward, [x], linear_forward([x]), "score", steps=steps, eta=1e-3,
+                                        noise=lambda embeds: [nu / 1e-5])
+    w_tilde = W / W.abs().amax(-1, keepdim=True)
+    torch.testing.assert_close(delta, steps * 1e-3 * signs * w_tilde.expand_as(delta))
+    torch.testing.assert_close(delta.abs().amax(-1), torch.full((5, 2), steps * 1e-3, dtype=torch.float64))
+    # steps=0: the noise alone, not clipped to any ball
+    (noise_only,) = adversarial_perturbation(linear_forward, [x], linear_forward([x]), "score", steps=0,
+                                             sigma=0.5, noise=lambda embeds: [torch.ones_like(x)])
+    assert torch.equal(noise_only, torch.full_like(x, 0.5))
+    # ε next to a gradient of the same size is no mere stabiliser: g ~ 1e-5 here, and ε = 1e-5 shrinks the step
+    (shrunk,) = adversarial_perturbation(linear_forward, [x], linear_forward([x]), "score", steps=1, eta=1e-3,
+                                         epsilon=1e-5, noise=lambda embeds: [nu / 1e-5])
+    assert shrunk.abs().max().item() < 0.9e-3
+
+
 @pytest.mark.parametrize("steps", [0, 1, 3])
-def test_perturbation_never_exceeds_epsilon(steps):
+def test_ball_perturbation_never_exceeds_epsilon(steps):
     torch.manual_seed(1)
     x = torch.randn(4, 2, 3, dtype=torch.float64)
     eps = 1e-5
     deltas = adversarial_perturbation(linear_forward, [x], linear_forward([x]), "score", steps=steps, eta=1e-3,
-                                      epsilon=eps, sigma=1e-5)
+                                      epsilon=eps, sigma=1e-5, projection="ball")
     assert deltas[0].abs().max().item() <= eps
+    if steps:  # η = 1e-3 overshoots the ball: every entry ends on its boundary
+        assert deltas[0].abs().min().item() == pytest.approx(eps)
     assert not deltas[0].requires_grad
+
+
+def test_unknown_projection_is_refused():
+    with pytest.raises(ValueError, match="unknown projection 'l2'"):
+        adversarial_perturbation(linear_forward, [torch.zeros(1, 2, 3)], torch.zeros(1), "score", projection="l2")
+    with pytest.raises(ValueError, match="unknown projection"):
+        SmartRegularizer(projection="sphere")
 
 
 def tiny_model(seed: int = 0, dropout: float = 0.1) -> MultitaskBert:
@@ -111,11 +154,29 @@ def test_zero_ball_and_zero_noise_give_zero(task):
     batch = tiny_batch(task)
     embeds = model.embed_inputs(batch)
     out = model.forward_embedded(task, embeds, batch)
-    reg = SmartRegularizer(lam=5.0, epsilon=0.0, sigma=0.0)(model, task, embeds, batch, out)
+    reg = SmartRegularizer(lam=5.0, epsilon=0.0, sigma=1e-3, projection="ball")(model, task, embeds, batch, out)
     assert reg.item() == 0.0
-    # σ = 0 alone: at δ = 0 the divergence is at its minimum, its gradient is zero, so δ stays 0
-    reg = SmartRegularizer(lam=5.0, epsilon=1e-3, sigma=0.0, steps=2)(model, task, embeds, batch, out)
-    assert reg.item() == 0.0
+    # σ = 0 alone: at δ = 0 the divergence is at its minimum, its gradient is zero, so δ stays 0 in both forms
+    for projection in ("none", "ball"):
+        smart = SmartRegularizer(lam=5.0, sigma=0.0, steps=2, projection=projection)
+        assert smart(model, task, embeds, batch, out).item() == 0.0
+        assert smart.last_values == {task: 0.0}
+
+
+@pytest.mark.parametrize("task", ["sst", "qqp"])
+def test_library_delta_is_eta_on_real_tokens_and_zero_on_padding(task):
+    model = tiny_model().eval()
+    batch = tiny_batch(task)
+    embeds = model.embed_inputs(batch)
+    out = model.forward_embedded(task, embeds, batch)
+    fwd = lambda xs: model.forward_embedded(task, xs, batch)  # noqa: E731
+    torch.manual_seed(0)
+    deltas = adversarial_perturbation(fwd, embeds, out, model.heads[task].kind)
+    masks = [batch["attention_mask"], batch.get("attention_mask_b")]
+    for d, m in zip(deltas, masks):
+        token_max = d.abs().amax(-1)
+        torch.testing.assert_close(token_max[m.bool()], torch.full_like(token_max[m.bool()], 1e-3))
+        assert torch.all(token_max[~m.bool()] == 0)  # padding does not reach the output: no gradient, no step
 
 
 @pytest.mark.parametrize("task", ["sst", "qqp", "sts"])
@@ -125,11 +186,13 @@ def test_regularizer_is_lambda_times_divergence_and_reaches_the_encoder(task):
     embeds = model.embed_inputs(batch)
     out = model.forward_embedded(task, embeds, batch)
     torch.manual_seed(5)
-    reg = SmartRegularizer(lam=5.0, epsilon=1e-2, sigma=1e-3, eta=1e-1)(model, task, embeds, batch, out)
+    smart = SmartRegularizer(lam=5.0, sigma=1e-3, eta=1e-1)
+    reg = smart(model, task, embeds, batch, out)
     torch.manual_seed(5)
     plain = smart_loss(lambda xs: model.forward_embedded(task, xs, batch), embeds, out, model.heads[task].kind,
-                       steps=1, eta=1e-1, epsilon=1e-2, sigma=1e-3)
+                       steps=1, eta=1e-1, sigma=1e-3)
     assert reg.item() > 0 and reg.item() == pytest.approx(5.0 * plain.item(), rel=1e-5)
+    assert smart.last_values == {task: pytest.approx(reg.item())}  # what metrics.jsonl logs as smart_<task>
     assert all(p.requires_grad for p in model.parameters())  # the ascent's freezing is undone
     reg.backward()
     enc = model.encoder
@@ -137,16 +200,21 @@ def test_regularizer_is_lambda_times_divergence_and_reaches_the_encoder(task):
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
-def test_ascent_increases_the_divergence():
+@pytest.mark.parametrize("projection", ["none", "ball"])
+def test_ascent_increases_the_divergence(projection):
     model = tiny_model(dropout=0.0)
     batch = tiny_batch("sst")
     embeds = model.embed_inputs(batch)
     out = model.forward_embedded("sst", embeds, batch)
     fwd = lambda xs: model.forward_embedded("sst", xs, batch)  # noqa: E731
+    # ball: noise and δ both fill the ball of 1e-3. none: the step η = 1e-3 is 10x the noise, as the
+    # defaults' η = 1e-3 is 100x their σ = 1e-5 (the library's step replaces the noise)
+    smart = dict(sigma=1e-3 if projection == "ball" else 1e-4, eta=1e-3 if projection == "none" else 1.0,
+                 projection=projection, epsilon=1e-3 if projection == "ball" else None)
     torch.manual_seed(3)
-    random_only = smart_loss(fwd, embeds, out, "logits", steps=0, epsilon=1e-2, sigma=1e-3)
+    random_only = smart_loss(fwd, embeds, out, "logits", steps=0, **smart)
     torch.manual_seed(3)
-    adversarial = smart_loss(fwd, embeds, out, "logits", steps=1, eta=1.0, epsilon=1e-2, sigma=1e-3)
+    adversarial = smart_loss(fwd, embeds, out, "logits", steps=1, **smart)
     assert adversarial.item() > 10 * random_only.item()
 
 
@@ -201,8 +269,13 @@ def test_from_args_defaults_are_the_reports():
 
     args = train_parser().parse_args(["--smart"])
     smart = SmartRegularizer.from_args(args)
-    assert (smart.lam, smart.eta, smart.epsilon, smart.sigma, smart.steps) == (5.0, 1e-3, 1e-5, 1e-5, 1)
+    assert (smart.lam, smart.eta, smart.sigma, smart.steps, smart.projection) == (5.0, 1e-3, 1e-5, 1, "none")
+    assert smart.epsilon == 1e-30  # a stabiliser only
     assert (smart.bregman, smart.bregman_mu, smart.bregman_beta) == (False, 1.0, 0.99)
+    ball = SmartRegularizer.from_args(train_parser().parse_args(["--smart", "--smart_projection", "ball"]))
+    assert (ball.projection, ball.epsilon) == ("ball", 1e-5)
+    mine = SmartRegularizer.from_args(train_parser().parse_args(["--smart", "--smart_epsilon", "1e-6"]))
+    assert (mine.projection, mine.epsilon) == ("none", 1e-6)
 
 
 def test_bregman_needs_smart(small_data, capsys):
@@ -230,3 +303,99 @@ def test_end_to_end_smart_with_gse(small_data, tmp_path, extra):
     assert all(r["bad_steps"] == 0 for r in losses)
     assert json.loads((out / "args.json").read_text())["smart"] is True
     assert (out / "results.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ minilm-l6
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("smart_scale", ROOT / "benchmarks" / "smart_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """minilm-l6 with the training command's default heads, in eval mode; 16 training examples per task."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    bench = load_benchmark()
+    model, batches = bench.load("minilm-l6", str(DATA), ["sst", "qqp", "sts"], 16)
+    yield bench, model.eval(), batches
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["sst", "qqp", "sts"])
+def test_minilm_default_delta_is_eta_and_the_ascent_matters(minilm, task):
+    """Issue #11: under the ε-ball the adversarial divergence was about 1e-9 (SST) to 1e-7 (STS), since δ ≤ 1e-5
+    next to embedding entries of order 1. Under the library's form every real token moves by η = 1e-3 in its
+    largest entry, and the ascent step finds a divergence at least 100x that of the initial noise alone."""
+    bench, model, batches = minilm
+    m = bench.measure(model, task, batches[task], "none")
+    assert m["delta_token_max_min"] == pytest.approx(1e-3, rel=1e-4)
+    assert m["delta_max"] == pytest.approx(1e-3, rel=1e-4)
+    assert m["r_adv"] >= 100 * m["r_noise"] > 0
+    ball = bench.measure(model, task, batches[task], "ball")
+    assert ball["delta_max"] <= 1e-5 and ball["delta_token_max_median"] == pytest.approx(1e-5)
+    assert m["r_adv"] > 100 * ball["r_adv"]  # (1e-3 / 1e-5)^2 = 1e4 for a quadratic divergence
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["sst", "sts"])
+def test_minilm_default_survives_bf16(minilm, task):
+    """Why --smart --bf16 is allowed with the default form and refused with the ball: under bf16 autocast the
+    regularizer keeps its float32 size (within a factor 1.5) and stays well above bf16's rounding floor (the
+    divergence of the noise alone, which under bf16 is rounding); the ball's 1e-5 δ gives a value that is the
+    rounding floor instead, tens to hundreds of times its float32 value (docs/multitask.md)."""
+    bench, model, batches = minilm
+    fp32 = bench.measure(model, task, batches[task], "none")
+    bf16 = bench.measure(model, task, batches[task], "none", bf16=True)
+    assert bf16["r_adv"] == pytest.approx(fp32["r_adv"], rel=0.5)
+    assert bf16["r_adv"] > 5 * bf16["r_noise"]
+    assert bf16["r_adv_fp32"] > 0.1 * fp32["r_adv"]  # the δ found under bf16 is adversarial in float32 too
+    ball32 = bench.measure(model, task, batches[task], "ball")
+    ball16 = bench.measure(model, task, batches[task], "ball", bf16=True)
+    assert ball16["r_adv"] > 10 * ball32["r_adv"]
+
+
+def test_smart_bf16_is_refused_only_with_the_ball(small_data, capsys):
+    from minbert.cli import check_train_args, train_parser
+
+    p = train_parser()
+    args = p.parse_args(["--data_dir", str(small_data), "--smart", "--bf16"])
+    check_train_args(p, args)  # the default form survives bf16
+    args = p.parse_args(["--data_dir", str(small_data), "--smart", "--bf16", "--smart_projection", "ball"])
+    with pytest.raises(SystemExit) as e:
+        check_train_args(p, args)
+    assert e.value.code == 2 and "--smart_projection ball with --bf16" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+PEAK_RSS = """
+import resource, runpy, sys
+sys.argv = ["train_multitask.py", *sys.argv[1:]]
+try:
+    runpy.run_path("train_multitask.py", run_name="__main__")
+except SystemExit as e:
+    if e.code:
+        raise
+print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.slow
+def test_smart_with_gse_memory(tmp_path):
+    """The report's SMART + GSE run died out of memory (§5.3.4 3b). Here SMART + GSE needs at most 1.6x the peak
+    resident memory of GSE alone, under the new default δ: minilm-l6, batch 32, 2 steps (docs/multitask.md
+    measures 5 steps)."""
+    peaks = {}
+    for name, extra in (("gse", []), ("smart", ["--smart"])):
+        r = subprocess.run([sys.executable, "-c", PEAK_RSS, "--model_name_or_path", "minilm-l6", "--combiner", "gse",
+                            *extra, "--max_train_samples", "64", "--max_steps_per_epoch", "2", "--num_train_epochs",
+                            "1", "--max_eval_samples", "8", "--skip_bad_rows", "--output_dir", str(tmp_path / name)],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        peaks[name] = int(r.stdout.split("PEAK_RSS_KB")[-1])
+    assert peaks["smart"] <= 1.6 * peaks["gse"], peaks
