@@ -305,7 +305,7 @@ def _json_type_problem(action: argparse.Action, value, many: bool) -> str | None
     if action.type in (int, float, _positive_int, _nonneg_int, _nonneg_float):
         ok = isinstance(value, (int, float, str)) and not isinstance(value, bool)
         return None if ok else "a number"
-    scalar_ok = isinstance(value, str)
+    scalar_ok = isinstance(value, str) or (action.type is _bf16 and isinstance(value, bool))  # older args.json
     if many or action.dest == "tasks":  # several words, or a list for a comma-separated flag
         ok = scalar_ok or (isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
                                                            for v in value))
@@ -340,12 +340,16 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evaluate.py", description="Score CS224N prediction files against the gold labels.",
+    p = argparse.ArgumentParser(prog="evaluate.py", description="Score CS224N prediction files against the gold labels. "
+                                "STS Pearson r of constant predictions is undefined: it is counted as r = 0, with a "
+                                "warning naming the file.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--predictions", required=True,
                    help="folder holding the prediction files (sst-dev-output.csv and friends, e.g. RUN/predictions)")
     g.add_argument("--data_dir", default="data", help="folder holding the task files (gold labels)")
+    g.add_argument("--skip_bad_rows", action="store_true",
+                   help="skip malformed gold rows (each named in a warning) instead of stopping")
     g.add_argument("--allow_partial", action="store_true",
                    help="score only the ids present (runs made with --max_eval_samples)")
     g = p.add_argument_group("uncertainty (minbert/significance.py)")
@@ -368,20 +372,26 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     from .predict import score_prediction_dir
 
     def go():
-        results = score_prediction_dir(args.predictions, args.data_dir, args.allow_partial)
+        results = score_prediction_dir(args.predictions, args.data_dir, args.allow_partial, args.skip_bad_rows)
         extra = {}
         if args.ci or args.compare:
             from . import significance as sig
 
-            dev = sig.read_dev_predictions(args.predictions, args.data_dir, args.allow_partial)
+            dev = sig.read_dev_predictions(args.predictions, args.data_dir, args.allow_partial, args.skip_bad_rows)
             if not dev:
                 raise ValueError(f"--{'ci' if args.ci else 'compare'}: {args.predictions} has no dev predictions "
                                  "with gold labels")
             if args.ci:
                 extra["dev_ci"] = sig.confidence_intervals(dev)
             if args.compare:
-                score_prediction_dir(args.compare, args.data_dir, args.allow_partial)  # B passes A's checks too
-                other = sig.read_dev_predictions(args.compare, args.data_dir, args.allow_partial)
+                # B passes A's checks too. Partial folders are first checked to cover the same examples, so that
+                # a mismatch is one line rather than B's partial-scoring warnings and then the error.
+                if not args.allow_partial:
+                    score_prediction_dir(args.compare, args.data_dir, False, args.skip_bad_rows)
+                other = sig.read_dev_predictions(args.compare, args.data_dir, args.allow_partial, args.skip_bad_rows)
+                sig.check_same_examples(dev, other, args.predictions, args.compare)
+                if args.allow_partial:
+                    score_prediction_dir(args.compare, args.data_dir, True, args.skip_bad_rows)
                 extra["compare"] = sig.paired_comparison(dev, other, args.predictions, args.compare)
         if args.json:
             print(json.dumps({**results, **extra}, indent=2))

@@ -43,8 +43,8 @@ class DevPredictions:
     gold: np.ndarray
 
 
-def read_dev_predictions(pred_dir: str | Path, data_dir: str | Path,
-                         allow_partial: bool = False) -> dict[str, DevPredictions]:
+def read_dev_predictions(pred_dir: str | Path, data_dir: str | Path, allow_partial: bool = False,
+                         skip_bad_rows: bool = False) -> dict[str, DevPredictions]:
     """{task: DevPredictions} for every dev prediction file in ``pred_dir`` whose gold labels exist; the same
     examples ``predict.score_prediction_dir`` scores (call that first: it reports bad or incomplete files)."""
     out = {}
@@ -53,7 +53,7 @@ def read_dev_predictions(pred_dir: str | Path, data_dir: str | Path,
         if not path.exists():
             continue
         preds = read_predictions(path, spec)
-        gold = load_task(task, "dev", data_dir, skip_bad_rows=True)
+        gold = load_task(task, "dev", data_dir, skip_bad_rows=skip_bad_rows)
         examples = [ex for ex in gold.examples if ex.id in preds] if allow_partial else gold.examples
         if gold.has_labels and examples:
             out[task] = DevPredictions([ex.id for ex in examples], np.array([preds[ex.id] for ex in examples]),
