@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import shutil
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@contextmanager
+def no_hang(seconds: int = 10):
+    """Fail (instead of blocking the suite forever) when a read waits on a FIFO or another non-regular file."""
+    def alarm(signum, frame):
+        raise TimeoutError(f"still blocked after {seconds} s: a non-regular file was opened")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -14,10 +14,8 @@ import random
 import re
 import select
 import shutil
-import signal
 import subprocess
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,7 +26,7 @@ from minbert.cli import evaluate_main, train_main
 from minbert.data import SPLITS, TASKS, DataError, id_problem, is_blank, load_task, read_task_file
 from minbert.predict import prediction_path, read_predictions, score_prediction_dir, write_predictions
 
-from .conftest import ROOT
+from .conftest import ROOT, no_hang
 
 SEED = 20261121
 MB = 1 << 20
@@ -401,21 +399,6 @@ def make_non_regular(path: Path, kind: str) -> str:
         return "symbolic links"
     path.symlink_to("/dev/zero")  # a device that never ends: reading it whole would never finish
     return "character device"
-
-
-@contextmanager
-def no_hang(seconds: int = 10):
-    """Fail (instead of blocking the suite forever) when a reader waits on a FIFO."""
-    def alarm(signum, frame):
-        raise TimeoutError(f"still blocked after {seconds} s: a non-regular file was opened")
-
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 NON_REGULAR_TASK_CASES = [(task, split, kind) for task, split in TASK_FILES for kind in NON_REGULAR]

@@ -12,10 +12,8 @@ import json
 import logging
 import os
 import random
-import signal
 import stat
 import string
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -31,26 +29,13 @@ from minbert.model import BertModel, to_hf_state_dict
 from minbert.multitask import MultitaskBert, MultitaskConfig
 from minbert.tokenizer import load_tokenizer
 
+from .conftest import no_hang
+
 SEED = 20261121
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, *(f"##{c}" for c in string.ascii_lowercase),
          *string.punctuation[:4]]
 TINY = dict(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
             max_position_embeddings=64)
-
-
-@contextmanager
-def no_hang(seconds: int = 10):
-    """Fail (instead of blocking the suite forever) when a read waits on a FIFO."""
-    def alarm(signum, frame):
-        raise TimeoutError(f"still blocked after {seconds} s: a non-regular file was opened")
-
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def write_model_dir(directory: Path, config: BertConfig, seed: int = 0) -> Path:
