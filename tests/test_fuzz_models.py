@@ -426,12 +426,13 @@ def _modes(directory: Path) -> dict[str, int]:
 
 
 def test_published_files_have_the_usual_permissions(model_dir, tmp_path):
-    from minbert.train import save_checkpoint
+    from minbert.io import replace_dir
 
     expected = 0o666 & ~_current_umask()
     assert PUBLISHED_MODE == expected
     model = MultitaskBert(BertModel.from_pretrained(model_dir), MultitaskConfig())
-    save_checkpoint(model, tmp_path / "best", load_tokenizer(model_dir))  # best/ and last/ are written this way
+    tokenizer = load_tokenizer(model_dir)
+    replace_dir(tmp_path / "best", lambda d: model.save(d, tokenizer))  # best/ and last/ are written this way
     modes = _modes(tmp_path / "best")
     assert {"model.safetensors", "config.json", "multitask.json", "tokenizer.json"} <= set(modes)
     assert set(modes.values()) == {expected}, {k: oct(v) for k, v in modes.items()}

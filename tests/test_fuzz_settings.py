@@ -80,7 +80,7 @@ def flag_cases() -> list[tuple[str, list[str], list[str]]]:
         ("predict_only-no-checkpoint", ["--predict_only"], ["predict_only", "checkpoint"]),
         ("checkpoint-without-predict_only", ["--checkpoint", str(ROOT)], ["checkpoint", "predict_only"]),
         ("bregman-without-smart", ["--bregman"], ["bregman", "smart"]),
-        ("smart+bf16", ["--smart", "--bf16"], ["smart", "bf16"]),
+        ("smart-ball+bf16", ["--smart", "--smart_projection", "ball", "--bf16"], ["smart_projection", "bf16"]),
         ("output_dir-empty", ["--output_dir="], ["output_dir"]),
         ("output_dir-cwd", ["--output_dir", "."], ["output_dir"]),
         ("output_dir-parent-of-data", ["--output_dir", "{data}/.."], ["output_dir"]),
