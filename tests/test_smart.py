@@ -342,7 +342,7 @@ def test_minilm_default_delta_is_eta_and_the_ascent_matters(minilm, task):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["sst", "sts"])
+@pytest.mark.parametrize("task", ["sts"])  # sst too in docs/multitask.md; bf16 is emulated (slow) on AVX2-only CPUs
 def test_minilm_default_survives_bf16(minilm, task):
     """Why --smart --bf16 is allowed with the default form and refused with the ball: under bf16 autocast the
     regularizer keeps its float32 size (within a factor 1.5) and stays well above bf16's rounding floor (the
@@ -388,12 +388,12 @@ print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 @pytest.mark.slow
 def test_smart_with_gse_memory(tmp_path):
     """The report's SMART + GSE run died out of memory (§5.3.4 3b). Here SMART + GSE needs at most 1.6x the peak
-    resident memory of GSE alone, under the new default δ: minilm-l6, batch 32, 2 steps (docs/multitask.md
-    measures 5 steps)."""
+    resident memory of GSE alone, under the new default δ: minilm-l6, batch 32, 1 step (the peak is reached in
+    the first; docs/multitask.md measures 5 steps)."""
     peaks = {}
     for name, extra in (("gse", []), ("smart", ["--smart"])):
         r = subprocess.run([sys.executable, "-c", PEAK_RSS, "--model_name_or_path", "minilm-l6", "--combiner", "gse",
-                            *extra, "--max_train_samples", "64", "--max_steps_per_epoch", "2", "--num_train_epochs",
+                            *extra, "--max_train_samples", "64", "--max_steps_per_epoch", "1", "--num_train_epochs",
                             "1", "--max_eval_samples", "8", "--skip_bad_rows", "--output_dir", str(tmp_path / name)],
                            cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
