@@ -20,10 +20,9 @@ import sys
 from pathlib import Path
 
 from .api import DEFAULT_BATCH_SIZE, SENTIMENT_LABELS, InferenceModel, load
-from .cli import _positive_int, _run_user_command
+from .cli import _bf16, _positive_int, _run_user_command
 from .data import TASKS, DataError, read_task_file, shorten
 from .io import atomic_write_text
-from .precision import parse_bf16
 
 PREDICT_TASKS = ("sst", "sst2", "qqp", "sts")
 FORMATS = ("text", "csv", "jsonl")
@@ -37,13 +36,6 @@ def _device(text: str) -> str:
     if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
         return text
     raise argparse.ArgumentTypeError(f"{text!r}: choose auto, cpu, cuda or cuda:N")
-
-
-def _bf16(text: str) -> str:
-    try:
-        return parse_bf16(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def predict_parser() -> argparse.ArgumentParser:
