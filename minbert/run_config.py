@@ -232,8 +232,9 @@ class RunConfig:
             self.fail("pair_encoding", str(e), self.pair_encoding)
         given = {"sts_head": (self.sts_head, DEFAULT_STS_HEAD), "para_head": (self.para_head, DEFAULT_PARA_HEAD)}
         conflict = pair_head_conflict(encoding, self.tasks, given)
-        if conflict:  # the message names both flags
-            raise ConfigError(conflict, any(k in self.from_file for k in ("pair_encoding", "sts_head", "para_head")))
+        if conflict:  # the message names both flags; and the config file, if one set either
+            files = [self.from_file[k] for k in ("pair_encoding", "sts_head", "para_head") if k in self.from_file]
+            raise ConfigError(f"{files[0]}: {conflict}" if files else conflict, bool(files))
 
     def _check_combiner(self) -> None:
         # a user's class (package.module:Class) is imported and built here, so a mistake stops the run at once
