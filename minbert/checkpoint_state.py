@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from . import distributed
-from .io import atomic_save, atomic_write_text, check_regular_file, published_dir, read_json_file, replace_dir
+from .io import (atomic_save, atomic_write_text, check_regular_file, first_line, published_dir, read_json_file,
+                 replace_dir)
 from .multitask import load_weights
 from .output_dir import read_json
 
@@ -136,16 +137,12 @@ class DamagedCheckpoint(ValueError):
         super().__init__(f"--resume: {path}: {what}")
 
 
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
 def read_trainer_state(path: Path) -> dict:
     """trainer_state.json, checked key by key."""
     try:
         state = read_json_file(path)  # a FIFO or other non-regular file is refused, not waited on
     except (OSError, ValueError) as e:
-        raise DamagedCheckpoint(path, f"cannot read: {_first_line(e)}") from None
+        raise DamagedCheckpoint(path, f"cannot read: {first_line(e)}") from None
     if not isinstance(state, dict):
         raise DamagedCheckpoint(path, "not a trainer state (expected a JSON object)")
     for key, types in TRAINER_STATE_KEYS.items():
@@ -164,7 +161,7 @@ def read_weights(path: Path, model: torch.nn.Module, device) -> dict[str, torch.
     try:
         weights = load_weights(path, device)
     except ValueError as e:  # its message names the file
-        raise ValueError(f"--resume: {_first_line(e)}") from None
+        raise ValueError(f"--resume: {first_line(e)}") from None
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     if missing or unexpected:
@@ -181,7 +178,7 @@ def _torch_load(path: Path):
     try:
         return torch.load(check_regular_file(path), map_location="cpu", weights_only=True)
     except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
-        raise DamagedCheckpoint(path, f"cannot read: {_first_line(e)}") from None
+        raise DamagedCheckpoint(path, f"cannot read: {first_line(e)}") from None
 
 
 def restore(trainer, directory: Path) -> None:
@@ -212,7 +209,7 @@ def restore(trainer, directory: Path) -> None:
     try:  # setting it once checks it; the generators go back to where they were until train() starts
         set_rng_state(rng)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-        raise DamagedCheckpoint(extra_path, f"rng: {_first_line(e)}") from None
+        raise DamagedCheckpoint(extra_path, f"rng: {first_line(e)}") from None
     finally:
         set_rng_state(now)
 
@@ -224,7 +221,7 @@ def restore(trainer, directory: Path) -> None:
         try:
             load()
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
-            raise DamagedCheckpoint(path, f"does not fit this run: {_first_line(e)}") from None
+            raise DamagedCheckpoint(path, f"does not fit this run: {first_line(e)}") from None
     t._rng_to_restore = rng
     t.global_step = t.last_saved_step = state["global_step"]
     t.bad_steps, t.bad_in_a_row = state["bad_steps"], state["bad_in_a_row"]

@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .io import first_line
+
 
 @dataclass
 class StepContext:
@@ -251,8 +253,8 @@ def load_combiner_class(spec: str) -> type:
         else:
             module = importlib.import_module(module_name)
     except Exception as e:  # ImportError, or whatever the user's module raised while being imported
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"--combiner {spec}: cannot import {module_name}: {type(e).__name__}: {first}") from None
+        raise ValueError(f"--combiner {spec}: cannot import {module_name}: {type(e).__name__}: "
+                         f"{first_line(e, '')}") from None
     obj = module
     for name in attr.split("."):
         if not hasattr(obj, name):

@@ -32,6 +32,15 @@ class DataError(ValueError):
     """A problem with an input file; the message is one line, ``file:line: problem`` (or ``file: problem``)."""
 
 
+def first_line(error: BaseException, fallback: str | None = None) -> str:
+    """The first non-blank line of an exception's message, for one-line errors; if it has none, ``fallback``
+    (default: the exception's type name)."""
+    text = str(error).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(error).__name__ if fallback is None else fallback
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Reading user files
 
@@ -128,8 +137,7 @@ def load_safetensors(path: str | Path, device: str = "cpu") -> dict:
     try:
         return load_file(str(path), device=str(device))
     except Exception as e:  # safetensors raises its own error types (SafetensorError, and others on bad headers)
-        problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{path}: cannot read safetensors file: {problem}") from None
+        raise DataError(f"{path}: cannot read safetensors file: {first_line(e)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------

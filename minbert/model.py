@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PRESETS, BertConfig
-from .io import check_regular_file, load_safetensors
+from .io import check_regular_file, first_line, load_safetensors
 
 log = logging.getLogger("minbert")
 
@@ -361,8 +361,7 @@ def load_state_dict_file(directory: Path) -> tuple[Path, dict[str, torch.Tensor]
             state = torch.load(binf, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError,
                 KeyError, IndexError, UnicodeDecodeError) as e:  # whatever a damaged archive makes torch.load raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{binf}: refused or unreadable (loaded with weights_only=True): {first}") from None
+            raise ValueError(f"{binf}: refused or unreadable (loaded with weights_only=True): {first_line(e)}") from None
         if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                   for k, v in state.items()):
             raise ValueError(f"{binf}: not a state dict of tensors")

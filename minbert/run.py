@@ -21,7 +21,7 @@ import torch
 from . import distributed
 from .data import SPLITS, TASKS, TaskData, TaskTensors, load_task, tensorize
 from .distributed import predict_task  # under torchrun each rank predicts a share; alone, predict.predict_task
-from .io import atomic_write_text, published_dir
+from .io import atomic_write_text, first_line, published_dir
 from .metrics import format_scores, overall_score, task_score
 from .metrics_log import MetricsLog
 from .model import BertModel
@@ -79,8 +79,8 @@ def compile_encoder(model: MultitaskBert, device: torch.device) -> None:
     try:  # a backend that cannot build (no C++ compiler, unsupported Python) fails here, in one line
         torch.compile(lambda x: x * 2 + 1)(torch.ones(2, device=device))
     except Exception as e:  # torch raises many error types from its compiler stack
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"--torch_compile: torch.compile does not work here ({type(e).__name__}: {first})") from None
+        raise ValueError(f"--torch_compile: torch.compile does not work here ({type(e).__name__}: "
+                         f"{first_line(e, '')})") from None
     for layer in model.encoder.layers:
         layer.compile(dynamic=True)
 

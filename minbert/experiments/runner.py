@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, first_line
 from ..metrics import overall_score
 from .profiles import BASELINE, PROFILES, ROWS, STEP_CAPS, ARCHITECTURES, Row, row_argv, same_run_key
 from .stats import mean_std, paired_difference
@@ -57,7 +57,7 @@ def run_row(row: Row, argv: list[str], overwrite: bool) -> dict:
     try:
         scores = train_entry_point()(args)
     except (ValueError, RuntimeError, MemoryError, OSError) as e:  # e.g. out of memory: record it, go on
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         log.error("%s failed: %s", row.key, msg)
         return {"dev": None, "error": f"{type(e).__name__}: {msg}", "wall_seconds": round(time.perf_counter() - t0, 1)}
     return {"dev": scores, "wall_seconds": round(time.perf_counter() - t0, 1)}
