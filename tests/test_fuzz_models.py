@@ -353,7 +353,7 @@ def test_export_refuses_a_damaged_checkpoint(checkpoint_dir, tmp_path):
 def test_absurd_sizes_are_refused_before_allocating():
     for field, value in (("hidden_size", 2**20), ("vocab_size", 10**10), ("num_hidden_layers", 10**7)):
         heads = {"num_attention_heads": 1} if field == "hidden_size" else {}
-        with pytest.raises(ValueError, match=f"parameters .* over the limit"):
+        with pytest.raises(ValueError, match="parameters .* over the limit"):
             BertConfig(**{**TINY, **heads, field: value})
     large = BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
     assert large.num_parameters() == 335_141_888  # bert-large fits (transformers counts the same)
@@ -381,6 +381,15 @@ CLI_CHECKPOINT_CASES = ["heads_zero", "hidden_huge", "unknown_task", "head_dropo
 CLI_MODEL_CASES = ["size_string", "vocab_huge", "weights_reshaped", "bin_code", "vocab_invalid_utf8", "vocab.txt-fifo"]
 
 
+def assert_failed_in_one_line(rc: int, err: str, prefix: str, out: Path) -> None:
+    """Exit 1, one `error: ...` line naming the damaged file, no traceback, no output directory."""
+    assert rc == 1 and "Traceback" not in err, err[-2000:]
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
+    check_one_line(lines[0][len("error: "):], prefix)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("mutation", CLI_CHECKPOINT_CASES)
 def test_predict_only_cli_on_damaged_checkpoint(checkpoint_dir, small_data, tmp_path, capsys, mutation):
     target = tmp_path / "best"
@@ -388,11 +397,7 @@ def test_predict_only_cli_on_damaged_checkpoint(checkpoint_dir, small_data, tmp_
     out = tmp_path / "run"
     rc, err = run_train(["--predict_only", "--checkpoint", str(target), "--data_dir", str(small_data),
                          "--output_dir", str(out), *TINY_ARGS], capsys)
-    assert rc == 1 and "Traceback" not in err, err[-2000:]
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
-    check_one_line(lines[0][len("error: "):], prefix)
-    assert not out.exists()
+    assert_failed_in_one_line(rc, err, prefix, out)
 
 
 @pytest.mark.parametrize("mutation", CLI_MODEL_CASES)
@@ -402,11 +407,7 @@ def test_train_cli_on_damaged_model_directory(model_dir, small_data, tmp_path, c
     out = tmp_path / "run"
     rc, err = run_train(["--model_name_or_path", str(target), "--data_dir", str(small_data),
                          "--output_dir", str(out), *TINY_ARGS], capsys)
-    assert rc == 1 and "Traceback" not in err, err[-2000:]
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
-    check_one_line(lines[0][len("error: "):], prefix)
-    assert not out.exists()
+    assert_failed_in_one_line(rc, err, prefix, out)
 
 
 def test_predict_only_cli_on_good_checkpoint(checkpoint_dir, small_data, tmp_path, capsys):
