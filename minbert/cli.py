@@ -200,6 +200,9 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--predict_only", action="store_true", help="no training: predict with --checkpoint")
     g.add_argument("--checkpoint", default=None,
                    help="with --predict_only: a minbert checkpoint directory (e.g. runs/default/best)")
+    g.add_argument("--skip_test_predictions", action="store_true",
+                   help="do not read the test files nor write their prediction files (a run for its dev scores, "
+                        "e.g. the experiments' cpu profile)")
     g.add_argument("--report_to", choices=REPORT_TO, default="none",
                    help="also log metrics.jsonl's numbers as TensorBoard scalars in OUTPUT_DIR/tensorboard "
                         "(needs: pip install tensorboard)")

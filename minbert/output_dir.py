@@ -12,7 +12,8 @@ from .io import published_dir, read_json_file, remove_stale_temps
 RUN_OUTPUTS = ("args.json", "metrics.jsonl", "results.json", "last", "best", "predictions", "tensorboard")
 # Flags that may differ between a run and its --resume (they do not change the trained weights).
 RESUME_MAY_CHANGE = {"resume", "overwrite_output_dir", "output_dir", "save_steps", "logging_steps", "device",
-                     "per_device_eval_batch_size", "max_bad_steps", "report_to", "config"}
+                     "per_device_eval_batch_size", "max_bad_steps", "report_to", "config",
+                     "skip_test_predictions"}
 
 
 def settings(config) -> dict:

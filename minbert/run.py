@@ -86,12 +86,16 @@ def compile_encoder(model: MultitaskBert, device: torch.device) -> None:
 
 
 def write_all_predictions(model, tensors: dict[tuple[str, str], TaskTensors], out_dir: Path, config, device,
-                          pad_id) -> dict[str, float]:
+                          pad_id, dev_predictions: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Write the six CS224N prediction files (for the tasks trained); return dev scores. Every prediction is
-    made and checked first: a model that predicts NaN writes no file."""
+    made and checked first: a model that predicts NaN writes no file. ``dev_predictions``: the dev predictions
+    the model's current weights already made (the best epoch's evaluation), used instead of predicting again."""
     predictions = {}
     for (task, split), data in tensors.items():
         if split == "train":
+            continue
+        if split == "dev" and dev_predictions is not None and task in dev_predictions:
+            predictions[(task, split)] = dev_predictions[task]
             continue
         preds = predict_task(model, data, config.per_device_eval_batch_size, device, pad_id, desc=f"{split} {task}",
                              amp_dtype=amp_dtype(config))
@@ -131,7 +135,8 @@ def run(config) -> dict[str, float]:
     source = config.checkpoint if config.predict_only else config.model_name_or_path
     tokenizer = load_tokenizer(source, config.max_seq_length)
     pad_id = pad_token_id(tokenizer)
-    splits = ("dev", "test") if config.predict_only else SPLITS
+    splits = tuple(s for s in SPLITS if not (s == "train" and config.predict_only)
+                   and not (s == "test" and config.skip_test_predictions))
     data = load_datasets(config, tokenizer, splits)
     if config.predict_only:
         model = MultitaskBert.load(config.checkpoint)
@@ -170,7 +175,8 @@ def run(config) -> dict[str, float]:
                      config.num_train_epochs, config.combiner, config.optim)
             trainer.train()
         pred_dir = out / "predictions"
-        scores = write_all_predictions(model, tensors, pred_dir, config, device, pad_id)
+        scores = write_all_predictions(model, tensors, pred_dir, config, device, pad_id,
+                                       trainer.best_dev_predictions if trainer is not None else None)
         check_finite_scores(scores)
         wall = time.perf_counter() - t_start
         metrics.write(final=True, dev=scores, wall_seconds=wall)

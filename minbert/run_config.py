@@ -120,6 +120,7 @@ class RunConfig:
     resume: bool
     predict_only: bool
     checkpoint: str | None
+    skip_test_predictions: bool
     report_to: str
 
     # The config file each key came from, for the keys a --config file set (not a field: not in args.json).

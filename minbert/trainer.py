@@ -55,8 +55,9 @@ def amp_dtype(config) -> torch.dtype | None:
 
 
 def evaluate(model: MultitaskBert, dev: dict[str, TaskTensors], config, device: torch.device,
-             pad_id: int) -> dict[str, float]:
-    """Dev scores of every task, and the overall score."""
+             pad_id: int, predictions: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Dev scores of every task, and the overall score; ``predictions``, if given, receives each task's
+    predictions (the run writes the best epoch's as its dev prediction files instead of predicting again)."""
     scores = {}
     for task, data in dev.items():
         preds = predict_task(model, data, config.per_device_eval_batch_size, device, pad_id, desc=f"dev {task}",
@@ -65,6 +66,8 @@ def evaluate(model: MultitaskBert, dev: dict[str, TaskTensors], config, device: 
             raise NonFiniteError(f"dev {task}: the model predicts non-finite values (the run diverged); try a "
                                  "lower --learning_rate")
         scores[task] = task_score(task, preds.numpy(), data.labels.numpy())
+        if predictions is not None:
+            predictions[task] = preds
     scores["overall"] = overall_score(scores)
     return scores
 
@@ -103,6 +106,9 @@ class Trainer:
         self.best_scores: dict[str, float] = {}
         self.best_epoch = self.best_step = 0
         self.best_state: dict[str, torch.Tensor] | None = None
+        # The best epoch's dev predictions, made by exactly the weights of best_state (None after a resume that
+        # restored an earlier best: the run then predicts dev again).
+        self.best_dev_predictions: dict[str, torch.Tensor] | None = None
         # Position: optimizer steps done. TaskStream batch i is a pure function of i, so this is the sampler state.
         self.global_step = self.last_saved_step = 0
         self.running: dict[str, list[float]] = {t: [] for t in self.tasks}  # losses since the last metrics record
@@ -265,7 +271,8 @@ class Trainer:
             log.warning("epoch %d: the ranks' parameters differ (fingerprints by up to %.3g); their updates "
                         "should be identical", epoch + 1, diff)
         check_finite_weights(self.model, f"epoch {epoch + 1}")
-        scores = evaluate(self.model, self.dev, self.args, self.device, self.pad_id)
+        predictions: dict[str, torch.Tensor] = {}
+        scores = evaluate(self.model, self.dev, self.args, self.device, self.pad_id, predictions)
         bad = [k for k, v in scores.items() if not math.isfinite(v)]
         if bad:
             raise NonFiniteError(f"epoch {epoch + 1}: the dev score of {', '.join(bad)} is not finite "
@@ -279,6 +286,7 @@ class Trainer:
             self.best_score, self.best_scores = scores["overall"], scores
             self.best_epoch, self.best_step = epoch + 1, self.global_step
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best_dev_predictions = predictions
         # `last` first: it records this best, and a resume rewrites `best` from it if a kill came between.
         self.save_last()
         if improved:

@@ -57,6 +57,27 @@ def test_predict_only_from_checkpoint(tiny_run, small_data, tmp_path):
         assert (tmp_path / "predictions" / name).read_text() == (tiny_run / "predictions" / name).read_text()
 
 
+def test_dev_is_predicted_once_per_epoch_and_test_can_be_skipped(data_copy, tmp_path, monkeypatch):
+    """The dev prediction files are the best epoch's evaluation (not a second prediction: the files equal a
+    prediction from best/, test_predict_only_from_checkpoint); --skip_test_predictions reads no test file."""
+    import minbert.run
+    import minbert.trainer
+
+    calls = []
+    for module in (minbert.run, minbert.trainer):
+        real = module.predict_task
+        monkeypatch.setattr(module, "predict_task",
+                            lambda *a, real=real, **k: calls.append(k["desc"].split()[0]) or real(*a, **k))
+    for path in data_copy.glob("*test*"):
+        path.unlink()  # a run that reads a test file fails
+    out = tmp_path / "out"
+    assert train_main(tiny_args(data_copy, out, "--skip_test_predictions")) == 0
+    assert calls == ["dev"] * 3 * 2  # three tasks, two epochs; nothing after training
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == sorted(n for n in SIX if "-dev-" in n)
+    scored = score_prediction_dir(out / "predictions", data_copy)
+    assert scored["dev"] == pytest.approx(json.loads((out / "results.json").read_text())["dev"], abs=1e-4)
+
+
 def test_single_task_and_max_eval_samples(small_data, tmp_path):
     assert train_main(tiny_args(small_data, tmp_path, "--tasks", "sts", "--max_eval_samples", "10",
                                 "--num_train_epochs", "1")) == 0

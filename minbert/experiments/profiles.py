@@ -23,7 +23,7 @@ Profiles:
   class in short runs on this encoder), the encoder is minilm-l6 (the report: BERT-base), batch 32 with learning
   rate 1e-4 for the encoder and 1e-3 for the heads (the report: batch 8 at 1e-5 for 10 epochs), and one epoch of
   CPU_STEPS steps (3 x CPU_STEPS for the 3x rows; the report: 10 epochs of 755) drawn from all the training data.
-  Dev and test are not cut: every dev row is scored. bf16 autocast where allowed (:func:`use_bf16`: only on
+  Dev is not cut: every dev row is scored; test is not predicted (``--skip_test_predictions``). bf16 autocast where allowed (:func:`use_bf16`: only on
   hardware with native bfloat16; on an AVX2-only CPU bf16 is far slower than float32). Because mean pooling is the
   default, the row "Cosine Similarity (2d+1 features) + Mean Pooling" is the same run as "Cosine Similarity (2d+1
   features)" here; the runner trains it once (:class:`minbert.experiments.runner.PaperRun`). Measured cost and
@@ -66,7 +66,7 @@ PROFILES: dict[str, tuple[str, ...]] = {
     # The package's defaults for everything but the length of the run (given explicitly, see DEFAULT_ARCHITECTURE).
     "cpu": ("--model_name_or_path", "minilm-l6", "--learning_rate", "1e-4", "--head_learning_rate", "1e-3",
             "--weight_decay", "0.01", "--warmup_ratio", "0.1", "--num_train_epochs", "1",
-            "--per_device_train_batch_size", "32", "--skip_bad_rows"),
+            "--per_device_train_batch_size", "32", "--skip_bad_rows", "--skip_test_predictions"),
     "smoke": ("--model_name_or_path", "bert-tiny", "--num_train_epochs", "1", "--per_device_train_batch_size", "8",
               "--max_train_samples", "16", "--max_eval_samples", "8", "--per_device_eval_batch_size", "8",
               "--skip_bad_rows"),
