@@ -186,6 +186,16 @@ def test_smoke_profile_over_seeds_writes_every_run_and_the_paired_differences(sm
     again = json.loads((out / "results.json").read_text())["rows"]
     assert len(calls) == 4 and all(r["reused"] for row in again for r in row["runs"])
 
+    # --collect_only with a seed not run yet: nothing is trained, the rows say 2 of 3 runs
+    assert main(["paper", "--profile", "smoke", "--seeds", "1,2,3", "--rows", "baseline,multitask", "--collect_only",
+                 "--data_dir", str(small_data), "--output_dir", str(out)]) == 0
+    assert not (out / "baseline" / "seed3").exists() and not (out / "multitask" / "seed3").exists()
+    collected = json.loads((out / "results.json").read_text())["rows"]
+    assert [[r["seed"] for r in row["runs"]] for row in collected] == [[1, 2], [1, 2]]
+    assert "| Multitask Learning | 2/3 | " in (out / "results.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["paper", "--profile", "smoke", "--collect_only", "--overwrite_output_dir", "--data_dir", str(small_data)])
+
 
 def test_paired_difference_is_a_t_interval_over_seeds():
     from minbert.experiments.stats import format_difference, paired_difference

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..io import atomic_write_text
 from .profiles import Row
-from .runner import run_row
+from .runner import is_finished, run_row
 from .stats import mean_std, paired_difference
 from .tables import cards_markdown
 
@@ -67,6 +67,7 @@ class CardsRun:
     data_dir: str = "data"
     device: str = "auto"
     overwrite: bool = False
+    collect_only: bool = False  # read the finished runs back and write the table; train nothing
     results: list[dict] = field(default_factory=list)
 
     def commands(self) -> list[tuple[Row, int, list[str]]]:
@@ -81,6 +82,8 @@ class CardsRun:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.results = []
         for row, seed, argv in self.commands():
+            if self.collect_only and not is_finished(argv):
+                continue
             outcome = run_row(row, argv, self.overwrite)
             self.results.append({"key": row.key, "optimizer": row.key.split("-seed")[0], "seed": seed,
                                  "command": "python train_multitask.py " + shlex.join(argv), **outcome})

@@ -38,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
                         "bf16 natively (AVX512-BF16/AMX CPU, or a GPU) and train_multitask.py accepts it (SMART rows "
                         "only if it accepts --smart --bf16); on: every row it accepts; off: float32 everywhere")
     p.add_argument("--overwrite_output_dir", action="store_true", help="re-run rows that already finished")
+    p.add_argument("--collect_only", action="store_true",
+                   help="train nothing: read the finished runs back and write the table (rows show how many of "
+                        "their runs have finished), e.g. while other processes run the rest")
     p.add_argument("--print_commands", action="store_true",
                    help="print each row's train_multitask.py command and exit")
     return p
@@ -67,13 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.data_dir).is_dir():
         p.error(f"--data_dir {args.data_dir}: no such directory")
     seeds = parse_seeds(p, args.seeds)
+    if args.collect_only and args.overwrite_output_dir:
+        p.error("--collect_only trains nothing; it cannot be combined with --overwrite_output_dir")
     if args.experiment == "mfac":
         if args.profile not in CARD_PROFILES:
             p.error(f"--profile {args.profile}: the mfac experiment has {', '.join(CARD_PROFILES)}")
         out = Path(args.output_dir or f"runs/mfac-{args.setting}-{args.profile}")
         cards = CardsRun(args.setting, args.profile, out, seeds or CARD_SEEDS, args.data_dir, args.device,
-                         args.overwrite_output_dir)
+                         args.overwrite_output_dir, args.collect_only)
         return execute(cards, args.print_commands)
     paper = PaperRun(args.profile, Path(args.output_dir or f"runs/paper-{args.profile}"), args.data_dir, args.device,
-                     tuple(r for r in ROWS if r.key in wanted), args.overwrite_output_dir, seeds, args.bf16)
+                     tuple(r for r in ROWS if r.key in wanted), args.overwrite_output_dir, seeds, args.bf16,
+                     args.collect_only)
     return execute(paper, args.print_commands)

@@ -36,6 +36,11 @@ def _has_unfinished_run(directory: Path) -> bool:
     return any((directory / name).exists() for name in ("last", "args.json", "metrics.jsonl"))
 
 
+def is_finished(argv: list[str]) -> bool:
+    """The run of these arguments has finished (its results.json is written last, atomically)."""
+    return (Path(argv[argv.index("--output_dir") + 1]) / "results.json").is_file()
+
+
 def run_row(row: Row, argv: list[str], overwrite: bool) -> dict:
     """Train one run (or read its finished results); never raises for a failed run, records the error instead."""
     from ..cli import check_train_args, train_parser
@@ -92,6 +97,7 @@ class PaperRun:
     overwrite: bool = False
     seeds: tuple[int, ...] | None = None
     bf16: str = "auto"  # profiles.use_bf16
+    collect_only: bool = False  # read the finished runs back and write the table; train nothing
     results: list[dict] = field(default_factory=list)
 
     def commands(self) -> list[tuple[Row, int | None, list[str]]]:
@@ -118,6 +124,8 @@ class PaperRun:
         trained: dict[str, tuple[str, dict]] = {}  # same_run_key -> (row key, outcome): rows that are one run
         for row, seed, argv in self.commands():
             same = same_run_key(argv)
+            if self.collect_only and same not in trained and not is_finished(argv):
+                continue  # not finished (yet): the row shows fewer runs
             if same in trained:  # e.g. the cpu profile's "+ Mean Pooling" row, mean pooling being the default there
                 first, outcome = trained[same]
                 outcome = {**outcome, "same_run_as": first, "reused": True}
