@@ -47,7 +47,7 @@ def run_row(row: Row, argv: list[str], overwrite: bool) -> dict:
 
     parser = train_parser()
     directory = Path(argv[argv.index("--output_dir") + 1])
-    if not overwrite and (directory / "results.json").is_file():
+    if not overwrite and is_finished(argv):
         results = json.loads((directory / "results.json").read_text(encoding="utf-8"))
         log.info("%s: reusing the finished run in %s", row.key, directory)
         return {"dev": results["dev"], "wall_seconds": results.get("wall_seconds"), "reused": True}
