@@ -195,6 +195,10 @@ def test_smoke_profile_over_seeds_writes_every_run_and_the_paired_differences(sm
     assert "| Multitask Learning | 2/3 | " in (out / "results.md").read_text()
     with pytest.raises(SystemExit):
         main(["paper", "--profile", "smoke", "--collect_only", "--overwrite_output_dir", "--data_dir", str(small_data)])
+    with pytest.raises(SystemExit):
+        main(["paper", "--profile", "smoke", "--collect_only", "--data_dir", str(small_data),
+              "--output_dir", str(out / "no-such-folder")])
+    assert not (out / "no-such-folder").exists()
 
 
 def test_paired_difference_is_a_t_interval_over_seeds():

@@ -58,6 +58,12 @@ def parse_seeds(p: argparse.ArgumentParser, text: str | None) -> tuple[int, ...]
     return seeds
 
 
+def check_collect_dir(p: argparse.ArgumentParser, args: argparse.Namespace, out: Path) -> None:
+    """--collect_only reads runs back: a missing folder is a mistyped path, not an empty table."""
+    if args.collect_only and not out.is_dir():
+        p.error(f"--collect_only: {out} is not a folder of runs (check --output_dir)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -76,10 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile not in CARD_PROFILES:
             p.error(f"--profile {args.profile}: the mfac experiment has {', '.join(CARD_PROFILES)}")
         out = Path(args.output_dir or f"runs/mfac-{args.setting}-{args.profile}")
+        check_collect_dir(p, args, out)
         cards = CardsRun(args.setting, args.profile, out, seeds or CARD_SEEDS, args.data_dir, args.device,
                          args.overwrite_output_dir, args.collect_only)
         return execute(cards, args.print_commands)
-    paper = PaperRun(args.profile, Path(args.output_dir or f"runs/paper-{args.profile}"), args.data_dir, args.device,
+    out = Path(args.output_dir or f"runs/paper-{args.profile}")
+    check_collect_dir(p, args, out)
+    paper = PaperRun(args.profile, out, args.data_dir, args.device,
                      tuple(r for r in ROWS if r.key in wanted), args.overwrite_output_dir, seeds, args.bf16,
                      args.collect_only)
     return execute(paper, args.print_commands)
