@@ -38,13 +38,14 @@ so drift on a shared machine affects all of them alike; the ratios are medians o
 
 The last line is ``RATIOS train_vs_hf=X infer_vs_hf=Y e2e_vs_pad128=Z cross_train_vs_hf=U cross_infer_vs_hf=V``
 (the first three fields always, in this order). See docs/speed.md.
+
+Beside this file: throughput_batches.py (which real batches are timed, and their padding), throughput_reference.py
+(the transformers pipelines (b), (b') and (c)) and throughput_levers.py (``--levers``).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import functools
 import os
 import statistics
 import sys
@@ -52,224 +53,22 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, ".."), HERE]  # minbert, and this benchmark's own modules beside it
 from minbert.cli import train_parser  # noqa: E402
-from minbert.data import Encoded, TaskStream, TaskTensors, load_task, sorted_batches, tensorize  # noqa: E402
-from minbert.model import BertModel, to_hf_state_dict  # noqa: E402
-from minbert.pooling import pool  # noqa: E402
+from minbert.data import load_task, tensorize  # noqa: E402
 from minbert.predict import predict_task  # noqa: E402
 from minbert.tokenizer import load_tokenizer, pad_token_id  # noqa: E402
-from minbert.optim.build import linear_schedule, optimizer_for_run as build_optimizer  # noqa: E402
 from minbert.run import build_model, compile_encoder  # noqa: E402
 from minbert.trainer import Trainer  # noqa: E402
+from throughput_batches import (GLUE_LENGTH, TASKS, FixedStream, eval_subset, glue_inputs,  # noqa: E402
+                                padding_table, training_batches, width)
+from throughput_levers import LEVERS, lever_runs  # noqa: E402
+from throughput_reference import GlueStyle, HFMultitask, Pipeline, hf_encoder, max_logit_difference, predict_hf  # noqa: E402
 
-TASKS = ("sst", "qqp")
 CROSS_TASK = "qqp"  # the pair task of the cross-encoded pipelines (a') and (b')
-GLUE_LENGTH = 128  # run_glue's --max_seq_length default, with pad_to_max_length
 CHECK_TOLERANCE = 1e-4  # max |logit difference| between (a) and (b) in float32 on the same weights
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Batches
-
-
-def quantile_batches(batches: list[list[int]], widths: list[int], k: int) -> list[list[int]]:
-    """``k`` batches at evenly spaced quantiles ((j + 0.5) / k) of padded width: a stratified sample of the pass."""
-    order = sorted(range(len(batches)), key=lambda i: widths[i])
-    return [batches[order[int((j + 0.5) / k * len(order))]] for j in range(k)]
-
-
-def width(data: TaskTensors, idx: list[int]) -> int:
-    """The padded width of a batch: its longest text (a pair task pads each column to its own longest)."""
-    return max(len(col.ids[i]) for col in data.columns for i in idx)
-
-
-def training_batches(data: TaskTensors, batch_size: int, k: int, seed: int, task_index: int) -> tuple[list[list[int]], float]:
-    """``k`` batches of one bucketed pass of the task's training stream (full batches only), and the mean padded
-    width of the whole pass (to show how well the k batches stand for it)."""
-    stream = TaskStream(data, batch_size, seed, task_index)
-    full = [b for b in (stream.indices(i) for i in range(stream.batches_per_pass)) if len(b) == batch_size]
-    widths = [width(data, b) for b in full]
-    return quantile_batches(full, widths, k), statistics.mean(widths)
-
-
-def eval_subset(data: TaskTensors, batch_size: int, k: int) -> TaskTensors:
-    """The examples of ``k`` of the split's length-sorted prediction batches. predict_task re-sorts them and cuts
-    exactly these batches again (each is a contiguous, full run of the sorted order)."""
-    full = [b for b in sorted_batches(data.lengths(), batch_size) if len(b) == batch_size]
-    idx = [i for b in quantile_batches(full, [width(data, b) for b in full], k) for i in b]
-    return subset(data, idx)
-
-
-def subset(data: TaskTensors, idx: list[int]) -> TaskTensors:
-    labels = data.labels[idx] if data.labels is not None else None
-    return TaskTensors(data.task, [Encoded([c.ids[i] for i in idx]) for c in data.columns], labels,
-                       [data.ids[i] for i in idx])
-
-
-class FixedStream:
-    """Stands in for a Trainer's TaskStream: batch ``i`` of the stream is the i-th chosen batch (cyclically)."""
-
-    def __init__(self, data: TaskTensors, batches: list[list[int]]):
-        self.data, self.batches = data, batches
-        self.batch_size = len(batches[0])
-        self.lengths = data.lengths()
-        self.batches_per_pass = len(batches)
-
-    def indices(self, i: int) -> list[int]:
-        return self.batches[i % len(self.batches)]
-
-    def batch(self, i: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
-        return self.data.batch(self.indices(i), pad_id)
-
-
-def padded_tokens_per_example(data: TaskTensors, batches: list[list[int]]) -> float:
-    """Token positions the encoder runs per example (padding included) over ``batches``."""
-    return sum(width_col * len(b) for b in batches for width_col in
-               (max(len(col.ids[i]) for i in b) for col in data.columns)) / sum(len(b) for b in batches)
-
-
-def padding_table(train: dict[str, TaskTensors], batch_size: int, seed: int) -> list[str]:
-    """Positions per example over one pass of each training file: real tokens, length-bucketed batches (ours),
-    random batches padded to their longest, and everything padded to 128 (a pair as one sequence)."""
-    lines = ["| positions per training example | " + " | ".join(TASKS) + " |", "|---" * (len(TASKS) + 1) + "|"]
-    rows = {"real tokens": [], "(a) bucketed batches": [], "random batches, padded to their longest": [],
-            f"(c) padded to {GLUE_LENGTH}": []}
-    for i, t in enumerate(TASKS):
-        data = train[t]
-        stream = TaskStream(data, batch_size, seed, i)
-        bucketed = [stream.indices(k) for k in range(stream.batches_per_pass)]
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
-        random = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-        rows["real tokens"].append(sum(sum(col.lengths()) for col in data.columns) / len(data))
-        rows["(a) bucketed batches"].append(padded_tokens_per_example(data, bucketed))
-        rows["random batches, padded to their longest"].append(padded_tokens_per_example(data, random))
-        rows[f"(c) padded to {GLUE_LENGTH}"].append(float(GLUE_LENGTH))
-    lines += [f"| {name} | " + " | ".join(f"{v:.1f}" for v in values) + " |" for name, values in rows.items()]
-    return lines
-
-
-def glue_inputs(examples, tokenizer, pad_id: int) -> dict[str, torch.Tensor]:
-    """run_glue's preprocessing: one sequence per example (pairs as [CLS] a [SEP] b [SEP]), truncated and padded to
-    128, as tensors (done once, before timing, like its ``datasets.map``)."""
-    texts = [ex.texts if len(ex.texts) == 2 else ex.texts[0] for ex in examples]
-    encs = tokenizer.encode_batch(texts, add_special_tokens=True)
-    ids = torch.full((len(encs), GLUE_LENGTH), pad_id, dtype=torch.long)
-    types = torch.zeros_like(ids)
-    mask = torch.zeros_like(ids)
-    for r, e in enumerate(encs):
-        n = min(len(e.ids), GLUE_LENGTH)
-        ids[r, :n] = torch.tensor(e.ids[:n])
-        types[r, :n] = torch.tensor(e.type_ids[:n])
-        mask[r, :n] = 1
-    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The transformers models
-
-
-def hf_encoder(transformers, encoder, attn_implementation: str | None = None) -> nn.Module:
-    """A transformers.BertModel with our encoder's weights (by default its default attention implementation)."""
-    cfg = encoder.config
-    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    hf_cfg = transformers.BertConfig(**{k: v for k, v in cfg.__dict__.items() if k != "add_pooling_layer"}, **extra)
-    hf = transformers.BertModel(hf_cfg, add_pooling_layer=cfg.add_pooling_layer)
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(encoder.state_dict()), strict=False)
-    missing = [k for k in missing if not k.endswith(("position_ids", "token_type_ids"))]  # buffers
-    if missing or unexpected:
-        raise RuntimeError(f"weights do not map onto transformers.BertModel: missing {missing}, unexpected {unexpected}")
-    return hf
-
-
-class HFMultitask(nn.Module):
-    """(b): our MultitaskBert's computation (pooling, heads, losses) on a transformers.BertModel."""
-
-    def __init__(self, encoder: nn.Module, heads: nn.ModuleDict, pooling: str):
-        super().__init__()
-        self.encoder, self.heads, self.pooling = encoder, heads, pooling
-
-    def forward(self, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        pooled = []
-        for suffix in ("", "_b"):  # one joint sequence (with token types) for a cross-encoded pair
-            if "input_ids" + suffix in batch:
-                mask = batch["attention_mask" + suffix]
-                out = self.encoder(input_ids=batch["input_ids" + suffix], attention_mask=mask,
-                                   token_type_ids=batch.get("token_type_ids" + suffix))
-                pooled.append(pool(out, mask, self.pooling))
-        return self.heads[task](*pooled)
-
-    def loss(self, task: str, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.heads[task].loss(output, batch["labels"])
-
-
-class GlueStyle(nn.Module):
-    """(c): transformers.BertModel + dropout + linear on the pooled output, cross-entropy (what run_glue trains:
-    BertForSequenceClassification), one classifier per task."""
-
-    def __init__(self, encoder: nn.Module, num_labels: dict[str, int], dropout: float):
-        super().__init__()
-        self.encoder = encoder
-        self.dropout = nn.Dropout(dropout)
-        hidden = encoder.config.hidden_size
-        self.heads = nn.ModuleDict({t: nn.Linear(hidden, n) for t, n in num_labels.items()})
-
-    def forward(self, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           token_type_ids=batch["token_type_ids"])
-        return self.heads[task](self.dropout(out.pooler_output))
-
-    def loss(self, task: str, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(output, batch["labels"])
-
-
-class Pipeline:
-    """A transformers model trained like Trainer.train_step trains ours: per task, forward + loss (autocast with
-    --bf16), backward, then clip + AdamW step + zero grads, then the schedule."""
-
-    def __init__(self, model: nn.Module, args: argparse.Namespace, amp: torch.dtype | None):
-        self.model, self.args, self.amp = model, args, amp
-        self.device = next(model.parameters()).device
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(args, model)
-        self.scheduler = linear_schedule(self.optimizer, 0, 10**9)
-
-    def train_step(self, batches: dict[str, dict[str, torch.Tensor]]) -> None:
-        for task, batch in batches.items():
-            batch = {k: v.to(self.device) for k, v in batch.items()}  # a no-op on the CPU
-            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                loss = self.model.loss(task, self.model(task, batch), batch).float()
-            loss.backward()
-            grads = [p.grad for p in self.params if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads)
-            if bool(torch.isfinite(norm)):
-                torch.nn.utils.clip_grads_with_norm_(self.params, self.args.max_grad_norm, norm)
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.item()
-        self.scheduler.step()
-
-
-@torch.inference_mode()
-def predict_hf(model: HFMultitask, data: TaskTensors, batch_size: int, pad_id: int, amp: torch.dtype | None) -> torch.Tensor:
-    """(b)'s inference: predict_task's loop (same length-sorted batches, eval mode, inference_mode)."""
-    model.eval()
-    head = model.heads[data.task.name]
-    device = next(model.parameters()).device
-    out = [None] * len(data)
-    for idx in sorted_batches(data.lengths(), batch_size):
-        batch = {k: v.to(device) for k, v in data.batch(idx, pad_id).items()}
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            pred = head.predict(model(data.task.name, batch).float())
-        for i, p in zip(idx, pred):
-            out[i] = p
-    return torch.stack(out)
-
-
-# ----------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -524,91 +323,6 @@ def main(argv: list[str] | None = None) -> int:
           f"cross_infer_vs_hf={ratios['cross_infer_vs_hf']:.3f}")
     return 0
 
-
-# name -> (what is taken away, the pipeline it is taken from)
-LEVERS = {
-    "padded": ("(a) skipping padding tokens outside attention", "a"),
-    "random": ("(a) length bucketing: random batches of the same examples, padded to their longest", "a"),
-    "bs32": ("(a) large eval batches: 32 instead of --eval_batch_size", "a"),
-    "nograd": ("(a) torch.inference_mode: torch.no_grad instead", "a"),
-    "math": ("(a) SDPA's fused CPU attention kernel: its math backend (softmax(QK^T)V as separate ops)", "a"),
-    "hf_eager": ("(b) SDPA: transformers' eager attention instead", "b"),
-}
-
-
-def lever_runs(args, ours, hf, trainer, train, chosen, evals, a_train, a_infer, b_train, b_infer, device, pad_id, amp):
-    """(a) with one lever taken away at a time, on the same examples; and (b) with eager attention."""
-
-    @contextlib.contextmanager
-    def every_position():
-        ours.encoder.encode = functools.partial(BertModel.encode, ours.encoder, skip_padding=False)
-        try:
-            yield
-        finally:
-            del ours.encoder.encode
-
-    @contextlib.contextmanager
-    def random_batches():
-        saved = trainer.streams
-        g = torch.Generator().manual_seed(args.seed)
-        trainer.streams = {}
-        for t in TASKS:
-            idx = [i for b in chosen[t] for i in b]
-            idx = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
-            trainer.streams[t] = FixedStream(train[t], [idx[s:s + args.batch_size] for s in range(0, len(idx), args.batch_size)])
-        try:
-            yield
-        finally:
-            trainer.streams = saved
-
-    def ours_infer(batch_size=args.eval_batch_size, grad_mode=torch.inference_mode):
-        predict = predict_task.__wrapped__  # predict_task without its inference_mode decorator
-        with grad_mode():
-            for t in TASKS:
-                predict(ours, evals[t], batch_size, device, pad_id, amp_dtype=amp)
-
-    def math_attention():
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        return sdpa_kernel([SDPBackend.MATH])
-
-    import transformers
-
-    hf_eager = HFMultitask(hf_encoder(transformers, ours.encoder, "eager"), copy.deepcopy(hf.heads), hf.pooling)
-    eager_pipe = Pipeline(hf_eager, trainer.args, amp)
-
-    def with_context(ctx, fn):
-        def run():
-            with ctx():
-                fn()
-        return run
-
-    def eager_train():
-        hf_eager.train()
-        for i in range(args.train_batches):
-            eager_pipe.train_step({t: train[t].batch(chosen[t][i], pad_id) for t in TASKS})
-
-    return {
-        "padded_train": with_context(every_position, a_train),
-        "padded_infer": with_context(every_position, a_infer),
-        "random_train": with_context(random_batches, a_train),
-        "bs32_infer": functools.partial(ours_infer, batch_size=32),
-        "nograd_infer": functools.partial(ours_infer, grad_mode=torch.no_grad),
-        "math_infer": with_context(math_attention, a_infer),
-        "hf_eager_train": eager_train,
-        "hf_eager_infer": lambda: [predict_hf(hf_eager, evals[t], args.eval_batch_size, pad_id, amp) for t in TASKS],
-    }
-
-
-@torch.no_grad()
-def max_logit_difference(ours, hf, train, chosen, pad_id, tasks=TASKS) -> float:
-    """Outputs of (a) and (b) on the first chosen batch of each task, float32, eval mode."""
-    ours.eval(), hf.eval()
-    device = next(ours.parameters()).device
-    diff = 0.0
-    for t in tasks:
-        batch = {k: v.to(device) for k, v in train[t].batch(chosen[t][0], pad_id).items()}
-        diff = max(diff, (ours(t, batch) - hf(t, batch)).abs().max().item())
-    return diff
 
 
 if __name__ == "__main__":
