@@ -36,9 +36,14 @@ def _has_unfinished_run(directory: Path) -> bool:
     return any((directory / name).exists() for name in ("last", "args.json", "metrics.jsonl"))
 
 
+def run_directory(argv: list[str]) -> Path:
+    """The output folder of the run of these arguments (the runner always passes --output_dir)."""
+    return Path(argv[argv.index("--output_dir") + 1])
+
+
 def is_finished(argv: list[str]) -> bool:
     """The run of these arguments has finished (its results.json is written last, atomically)."""
-    return (Path(argv[argv.index("--output_dir") + 1]) / "results.json").is_file()
+    return (run_directory(argv) / "results.json").is_file()
 
 
 def run_row(row: Row, argv: list[str], overwrite: bool) -> dict:
@@ -46,7 +51,7 @@ def run_row(row: Row, argv: list[str], overwrite: bool) -> dict:
     from ..cli import check_train_args, train_parser
 
     parser = train_parser()
-    directory = Path(argv[argv.index("--output_dir") + 1])
+    directory = run_directory(argv)
     if not overwrite and is_finished(argv):
         results = json.loads((directory / "results.json").read_text(encoding="utf-8"))
         log.info("%s: reusing the finished run in %s", row.key, directory)
