@@ -63,7 +63,7 @@ from minbert.tokenizer import load_tokenizer, pad_token_id  # noqa: E402
 from minbert.run import build_model, compile_encoder  # noqa: E402
 from minbert.trainer import Trainer  # noqa: E402
 from throughput_batches import (GLUE_LENGTH, TASKS, FixedStream, eval_subset, glue_inputs,  # noqa: E402
-                                padding_table, training_batches, width)
+                                padding_table, shuffled_examples, training_batches, width)
 from throughput_levers import LEVERS, lever_runs  # noqa: E402
 from throughput_reference import GlueStyle, HFMultitask, Pipeline, hf_encoder, max_logit_difference, predict_hf  # noqa: E402
 
@@ -189,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     # (c)'s examples: the same training examples as (a) and (b), in random batches, padded to 128.
     glue_batches = {}
     for t in TASKS:
-        idx = [i for b in chosen[t] for i in b]
-        idx = [idx[j] for j in torch.randperm(len(idx), generator=torch.Generator().manual_seed(args.seed)).tolist()]
+        idx = shuffled_examples(chosen[t], torch.Generator().manual_seed(args.seed))
         inputs = glue_inputs([raw[t].examples[i] for i in idx], tokenizer, pad_id)
         inputs["labels"] = train[t].labels[idx]
         glue_batches[t] = [{k: v[s:s + args.batch_size] for k, v in inputs.items()}

@@ -47,6 +47,12 @@ def subset(data: TaskTensors, idx: list[int]) -> TaskTensors:
                        [data.ids[i] for i in idx])
 
 
+def shuffled_examples(batches: list[list[int]], generator: torch.Generator) -> list[int]:
+    """The examples of ``batches`` in random order: random batches of the same examples, for (c) and a lever."""
+    idx = [i for b in batches for i in b]
+    return [idx[j] for j in torch.randperm(len(idx), generator=generator).tolist()]
+
+
 class FixedStream:
     """Stands in for a Trainer's TaskStream: batch ``i`` of the stream is the i-th chosen batch (cyclically)."""
 

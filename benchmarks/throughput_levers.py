@@ -11,7 +11,7 @@ import torch
 from minbert.model import BertModel
 from minbert.predict import predict_task
 
-from throughput_batches import TASKS, FixedStream
+from throughput_batches import TASKS, FixedStream, shuffled_examples
 from throughput_reference import HFMultitask, Pipeline, hf_encoder, predict_hf
 
 
@@ -43,8 +43,7 @@ def lever_runs(args, ours, hf, trainer, train, chosen, evals, a_train, a_infer, 
         g = torch.Generator().manual_seed(args.seed)
         trainer.streams = {}
         for t in TASKS:
-            idx = [i for b in chosen[t] for i in b]
-            idx = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+            idx = shuffled_examples(chosen[t], g)
             trainer.streams[t] = FixedStream(train[t], [idx[s:s + args.batch_size] for s in range(0, len(idx), args.batch_size)])
         try:
             yield
