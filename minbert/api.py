@@ -29,7 +29,7 @@ from .config import BertConfig
 from .data import TASKS, Example, TaskData, pad, sorted_batches, tensorize
 from .model import BertModel
 from .multitask import MultitaskBert, MultitaskConfig, load_weights, resolve_checkpoint
-from .precision import resolve_bf16
+from .precision import DEFAULT_BF16, resolve_bf16
 from .pooling import pool
 from .tokenizer import load_tokenizer, pad_token_id
 
@@ -53,14 +53,14 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return torch.device(name)
 
 
-def load(path: str | Path, device: str | torch.device = "auto", bf16: bool | str = False,
+def load(path: str | Path, device: str | torch.device = "auto", bf16: bool | str = DEFAULT_BF16,
          batch_size: int = DEFAULT_BATCH_SIZE, max_seq_length: int | None = None) -> "InferenceModel":
     """Load a trained model for inference.
 
     ``path``: a minbert checkpoint directory (``runs/main/best``), a training run's ``--output_dir`` (its
     ``best/`` is used), or a ``minbert-export`` folder (Hugging Face encoder + ``heads.safetensors``).
     ``bf16``: bfloat16 autocast for the forward passes (weights stay float32), as ``--bf16`` in training: True or
-    ``"on"``, False or ``"off"``, or ``"auto"`` (on where the device has native bfloat16).
+    ``"on"``, False or ``"off"``, or ``"auto"`` (the default: on where the device has native bfloat16).
     ``max_seq_length``: truncate longer inputs (default: the checkpoint tokenizer's limit, the training run's
     ``--max_seq_length``; an exported tokenizer has none, so 128).
     """
@@ -92,7 +92,7 @@ def load_exported(directory: str | Path) -> MultitaskBert:
 class InferenceModel:
     """A trained MultitaskBert with its tokenizer, for prediction and sentence embeddings (see module docstring)."""
 
-    def __init__(self, model: MultitaskBert, tokenizer, device: str | torch.device = "auto", bf16: bool | str = False,
+    def __init__(self, model: MultitaskBert, tokenizer, device: str | torch.device = "auto", bf16: bool | str = DEFAULT_BF16,
                  batch_size: int = DEFAULT_BATCH_SIZE):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")

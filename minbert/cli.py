@@ -147,8 +147,8 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", type=_bf16, nargs="?", const="on", default=DEFAULT_BF16, metavar="{auto,on,off}",
                    help="bfloat16 autocast for forward passes and losses in training and prediction (weights, "
                         "gradients and optimizer state stay float32); about 2x faster on CPUs with AVX512-BF16/AMX "
-                        "(docs/speed.md). --bf16 alone = on; auto = on where the device has native bfloat16 (CUDA "
-                        "with bf16, AVX512-BF16/AMX CPUs) unless --smart")
+                        "(docs/speed.md). --bf16 alone = on; auto (the default) = on where the device has native "
+                        "bfloat16 (CUDA with bf16, AVX512-BF16/AMX CPUs), off elsewhere and with --smart_projection ball")
     g.add_argument("--torch_compile", action="store_true",
                    help="compile the encoder layers with torch.compile (dynamic shapes); the first steps are slow "
                         "while it compiles, and on CPU it needs a C++ compiler")

@@ -23,6 +23,7 @@ from .api import DEFAULT_BATCH_SIZE, SENTIMENT_LABELS, InferenceModel, load
 from .cli import _bf16, _positive_int, _run_user_command
 from .data import TASKS, DataError, read_task_file, shorten
 from .io import atomic_write_text
+from .precision import DEFAULT_BF16
 
 PREDICT_TASKS = ("sst", "sst2", "qqp", "sts")
 FORMATS = ("text", "csv", "jsonl")
@@ -50,9 +51,9 @@ def predict_parser() -> argparse.ArgumentParser:
                    help="a minbert checkpoint (e.g. runs/main/best), a training run's --output_dir (its best/ is "
                         "used) or a minbert-export folder")
     g.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--bf16", type=_bf16, nargs="?", const="on", default="off", metavar="{auto,on,off}",
-                   help="bfloat16 autocast for the forward passes (weights stay float32); --bf16 alone = on, auto = on "
-                        "where the device has native bfloat16")
+    g.add_argument("--bf16", type=_bf16, nargs="?", const="on", default=DEFAULT_BF16, metavar="{auto,on,off}",
+                   help="bfloat16 autocast for the forward passes (weights stay float32); --bf16 alone = on; auto (the "
+                        "default) = on where the device has native bfloat16, off elsewhere")
     g.add_argument("--batch_size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help="inputs per forward pass")
     g.add_argument("--max_seq_length", type=_positive_int, default=None,
                    help="truncate longer inputs (default: the checkpoint's training limit; 128 for an export)")

@@ -260,7 +260,7 @@ def test_train_step_under_cross_encoding(small_data, tmp_path, one_thread, extra
 def tiny_args(data_dir, out, *extra):
     return ["--model_name_or_path", "bert-tiny", "--data_dir", str(data_dir), "--output_dir", str(out),
             "--max_train_samples", "24", "--max_eval_samples", "12", "--per_device_train_batch_size", "8",
-            "--num_train_epochs", "1", "--max_seq_length", "32", "--seed", "7", *extra]
+            "--num_train_epochs", "1", "--max_seq_length", "32", "--seed", "7", "--bf16", "off", *extra]
 
 
 @pytest.fixture(scope="module")

@@ -263,12 +263,14 @@ def test_cpu_profile_keeps_each_rows_strategy_on_the_default_architecture(tmp_pa
     assert bf16(row_argv(smart, "cpu", "data", tmp_path, "cpu")) == "off"
     assert bf16(row_argv(smart, "cpu", "data", tmp_path, "cpu", bf16="on")) == "off"  # refused: never on
     assert bf16(row_argv(ROWS[0], "quick", "data", tmp_path, "cpu")) == "on"
-    assert bf16(row_argv(ROWS[0], "full", "data", tmp_path, "cpu")) == "off"  # the report's fp32 protocol
+    assert bf16(row_argv(ROWS[0], "full", "data", tmp_path, "cpu")) == "on"  # every profile, like the main job
+    assert bf16(row_argv(ROWS[0], "smoke", "data", tmp_path, "cpu")) == "on"
+    assert bf16(row_argv(ROWS[0], "full", "data", tmp_path, "cpu", bf16="off")) == "off"  # the report's fp32
     assert bf16(row_argv(ROWS[0], "full", "data", tmp_path, "cpu", bf16="on")) == "on"
     assert bf16(row_argv(ROWS[0], "cpu", "data", tmp_path, "cpu", bf16="off")) == "off"
     # on a CPU without native bfloat16 (AVX2 only) auto trains in float32: bf16 would be far slower there
     monkeypatch.setattr(profiles, "bf16_native", lambda device="auto": False)
-    assert all(bf16(row_argv(r, p, "data", tmp_path, "cpu")) == "off" for r in ROWS for p in ("quick", "cpu"))
+    assert all(bf16(row_argv(r, p, "data", tmp_path, "cpu")) == "off" for r in ROWS for p in PROFILES)
 
 
 def test_smart_bf16_detection_follows_the_training_checks(monkeypatch):

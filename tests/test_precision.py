@@ -72,7 +72,7 @@ def test_resolve(monkeypatch):
 
 def test_flag_forms():
     p = train_parser()
-    assert p.parse_args([]).bf16 == DEFAULT_BF16 == "off"  # the lead switches it to "auto" after measuring
+    assert p.parse_args([]).bf16 == DEFAULT_BF16 == "auto"  # bf16 where native (issue #24)
     assert p.parse_args(["--bf16"]).bf16 == "on"
     assert p.parse_args(["--bf16", "--tasks", "sst"]).bf16 == "on"
     assert p.parse_args(["--bf16", "auto"]).bf16 == "auto"
@@ -109,3 +109,50 @@ def test_auto_is_resolved_before_args_json(small_data, tmp_path, monkeypatch, on
     assert train_main(argv) == 0
     assert json.loads((tmp_path / "args.json").read_text())["bf16"] == "off"
     assert json.loads((tmp_path / "results.json").read_text())["bf16"] == "off"
+
+
+def test_every_entry_point_defaults_to_auto():
+    """Training (and --predict_only, the same parser), minbert-predict, minbert.load and the experiments runner
+    share one default."""
+    import inspect
+
+    import minbert
+    from minbert.api import InferenceModel
+    from minbert.experiments import parser as experiments_parser
+    from minbert.experiments.runner import PaperRun
+    from minbert.predict_cli import predict_parser
+
+    assert train_parser().parse_args([]).bf16 == DEFAULT_BF16
+    assert predict_parser().parse_args(["--checkpoint", "x", "--task", "sst", "a"]).bf16 == DEFAULT_BF16
+    assert inspect.signature(minbert.load).parameters["bf16"].default == DEFAULT_BF16
+    assert inspect.signature(InferenceModel).parameters["bf16"].default == DEFAULT_BF16
+    assert experiments_parser().get_default("bf16") == DEFAULT_BF16
+    assert PaperRun.__dataclass_fields__["bf16"].default == DEFAULT_BF16
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "emulated"])
+def test_the_default_is_bf16_where_native_and_float32_elsewhere(small_data, tmp_path, monkeypatch, one_thread,
+                                                                  native):
+    """Detection mocked both ways, so the default is tested on either kind of machine: training and --predict_only
+    record the precision that ran; minbert.load and the experiment rows follow the same detection."""
+    import minbert
+    from minbert.cli import train_main
+    from minbert.experiments import ROWS, row_argv
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
+    expected = "on" if native else "off"
+    out = tmp_path / "run"
+    argv = ["--model_name_or_path", "bert-tiny", "--data_dir", str(small_data), "--output_dir", str(out),
+            "--tasks", "sst", "--max_train_samples", "8", "--max_eval_samples", "4", "--num_train_epochs", "1",
+            "--max_seq_length", "16", "--skip_test_predictions"]
+    assert train_main(argv) == 0
+    assert json.loads((out / "args.json").read_text())["bf16"] == expected
+    assert json.loads((out / "results.json").read_text())["bf16"] == expected
+    again = tmp_path / "predict"
+    assert train_main(["--predict_only", "--checkpoint", str(out / "best"), "--data_dir", str(small_data), "--tasks",
+                       "sst", "--output_dir", str(again), "--max_eval_samples", "4", "--skip_test_predictions"]) == 0
+    assert json.loads((again / "results.json").read_text())["bf16"] == expected
+    model = minbert.load(out, device="cpu")
+    assert model.amp_dtype == (torch.bfloat16 if native else None)
+    argv = row_argv(ROWS[0], "cpu", "data", tmp_path / "rows", "cpu")
+    assert argv[argv.index("--bf16") + 1] == expected

@@ -31,11 +31,12 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def api(run_dir):
-    return minbert.load(run_dir, device="cpu")
+    return minbert.load(run_dir, device="cpu", bf16="off")
 
 
 def predict(argv, capsys) -> tuple[int, str, str]:
-    code = main(argv)
+    # float32 like `api` (compared to 1e-6) whatever the default, unless a test asks for --bf16
+    code = main(argv if "--bf16" in argv else [*argv, "--bf16", "off"])
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -34,7 +34,7 @@ def train_argv(data_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["--model_name_or_path", "bert-tiny", "--data_dir", str(data_dir), "--output_dir", str(out),
             "--max_train_samples", "16", "--max_eval_samples", "8", "--per_device_train_batch_size", "4",
             "--max_steps_per_epoch", str(STEPS_PER_EPOCH), "--num_train_epochs", str(EPOCHS), "--logging_steps", "1",
-            "--save_steps", "2", "--device", "cpu", "--seed", "7", "--max_seq_length", "32", *extra]
+            "--save_steps", "2", "--device", "cpu", "--seed", "7", "--max_seq_length", "32", "--bf16", "off", *extra]
 
 
 def start(argv: list[str], **env: str) -> subprocess.Popen:

@@ -5,6 +5,7 @@ import argparse
 import os
 from pathlib import Path
 
+from ..precision import BF16_MODES, DEFAULT_BF16
 from .cards import CARD_PROFILES, CARD_SEEDS, CARD_SETTINGS, CardsRun
 from .profiles import PROFILES, ROW_KEYS, ROWS
 from .runner import PaperRun, execute
@@ -33,9 +34,9 @@ def parser() -> argparse.ArgumentParser:
                    help="comma-separated seeds; every row runs once per seed, in ROW/seedS. paper: default one run "
                         "per row with train_multitask.py's default seed, in ROW; mfac: default "
                         + ",".join(map(str, CARD_SEEDS)))
-    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
-                   help="paper: bfloat16 autocast. auto: in the quick and cpu profiles, where the hardware computes "
-                        "bf16 natively (AVX512-BF16/AMX CPU, or a GPU) and train_multitask.py accepts it (SMART rows "
+    p.add_argument("--bf16", choices=list(BF16_MODES), default=DEFAULT_BF16,
+                   help="paper: bfloat16 autocast. auto: in every profile, like train_multitask.py, where the "
+                        "hardware computes bf16 natively (AVX512-BF16/AMX CPU, or a GPU) and train_multitask.py accepts it (SMART rows "
                         "only if it accepts --smart --bf16); on: every row it accepts; off: float32 everywhere")
     p.add_argument("--overwrite_output_dir", action="store_true", help="re-run rows that already finished")
     p.add_argument("--collect_only", action="store_true",

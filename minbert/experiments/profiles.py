@@ -10,6 +10,8 @@ Profiles:
   architecture; all training data (the two unlabeled QQP rows skipped). The encoder is the embedded
   all-MiniLM-L6-v2 (d = 384), the only pretrained encoder here; the report fine-tuned BERT-base (d = 768).
   Schedule, weight decay and dropout are this package's defaults (the report does not state them). Meant for a GPU.
+  bf16 autocast where the device computes it natively (:func:`use_bf16`), like the main job; ``--bf16 off`` for
+  the report's float32.
 * ``quick``: the same rows in 71.5 minutes on one core of an Intel Xeon with AMX, in bf16 (docs/results.md): the
   report's architecture, minilm-l6, batch 16, learning rate 1e-4 for the encoder and 1e-3 for the heads, one
   epoch of 45 steps (135 for the 3x rows) drawn from all the training data, bf16 autocast where allowed
@@ -38,6 +40,8 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..precision import DEFAULT_BF16
 
 QUICK_STEPS = 45
 QUICK_EVAL = 400
@@ -73,9 +77,6 @@ PROFILES: dict[str, tuple[str, ...]] = {
 }
 ARCHITECTURES = {"full": REPORT_ARCHITECTURE, "quick": REPORT_ARCHITECTURE, "cpu": DEFAULT_ARCHITECTURE,
                  "smoke": REPORT_ARCHITECTURE}
-# Profiles trained with --bf16 (about 2x faster on CPUs with AVX512-BF16/AMX), where the hardware computes bf16
-# natively and the parser accepts it (use_bf16).
-BF16_PROFILES = {"quick", "cpu"}
 # Steps per epoch of a 1x row, where the profile caps it (the 3x rows get three times as many).
 STEP_CAPS = {"full": None, "quick": QUICK_STEPS, "cpu": CPU_STEPS, "smoke": 1}
 
@@ -159,18 +160,19 @@ def bf16_native(device: str = "auto") -> bool:
     return native_bf16(torch.device(device))
 
 
-def use_bf16(row: Row, profile: str, device: str, mode: str = "auto") -> bool:
-    """--bf16 for this row? ``mode`` auto: where the profile uses it (BF16_PROFILES), the device computes bf16
-    natively and train_multitask.py accepts it (SMART rows only if it accepts ``--smart --bf16``); on: wherever
+def use_bf16(row: Row, profile: str, device: str, mode: str = DEFAULT_BF16) -> bool:
+    """--bf16 for this row? ``mode`` auto (the default, as in train_multitask.py): in every profile where the device
+    computes bf16 natively and train_multitask.py accepts it (SMART rows only if it accepts ``--smart --bf16``), like
+    the main job (about 2x faster on CPUs with AVX512-BF16/AMX, same scores: README); on: wherever
     train_multitask.py accepts it; off: never."""
     accepted = "--smart" not in row.flags or smart_accepts_bf16()
     if mode == "on":
         return accepted
-    return mode == "auto" and profile in BF16_PROFILES and accepted and bf16_native(device)
+    return mode == "auto" and accepted and bf16_native(device)
 
 
 def row_argv(row: Row, profile: str, data_dir: str, output_dir: Path, device: str, seed: int | None = None,
-             bf16: str = "auto") -> list[str]:
+             bf16: str = DEFAULT_BF16) -> list[str]:
     """The train_multitask.py arguments of one row under one profile: in ``output_dir/<row>``, or in
     ``output_dir/<row>/seed<S>`` with ``--seed S`` when a seed is given; ``bf16``: see :func:`use_bf16`."""
     arch = ARCHITECTURES[profile]

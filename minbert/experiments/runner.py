@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..io import atomic_write_text, first_line
 from ..metrics import overall_score
+from ..precision import DEFAULT_BF16
 from .profiles import BASELINE, PROFILES, ROWS, STEP_CAPS, ARCHITECTURES, Row, row_argv, same_run_key
 from .stats import mean_std, paired_difference
 from .tables import paper_markdown
@@ -101,7 +102,7 @@ class PaperRun:
     rows: tuple[Row, ...] = ROWS
     overwrite: bool = False
     seeds: tuple[int, ...] | None = None
-    bf16: str = "auto"  # profiles.use_bf16
+    bf16: str = DEFAULT_BF16  # profiles.use_bf16
     collect_only: bool = False  # read the finished runs back and write the table; train nothing
     results: list[dict] = field(default_factory=list)
 
