@@ -1,6 +1,17 @@
 """Shared fixtures: small slices of the shipped task files, a tiny random encoder."""
 from __future__ import annotations
 
+import os
+
+# Under pytest-xdist (the README's `-n 2`), one torch thread per worker and per process it starts: two workers on
+# two cores, each on one thread, instead of each worker's torch spreading over both cores and fighting the other.
+# Set before any test imports torch's thread pool into use; a process started by a test inherits the variables.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 import shutil
 import signal
 from contextlib import contextmanager
