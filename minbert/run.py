@@ -170,9 +170,9 @@ def run(config) -> dict[str, float]:
                 trainer.restore(resume_from)
                 metrics.write(resumed_from_step=trainer.global_step, epoch=trainer.global_step // trainer.steps_per_epoch)
                 log.info("resuming from %s: step %d of %d", resume_from, trainer.global_step, trainer.total_steps)
-            log.info("training %s on %s: %d steps/epoch x %d epochs, combiner %s, optimizer %s",
+            log.info("training %s on %s: %d steps/epoch x %d epochs, combiner %s, optimizer %s, bf16 %s",
                      config.model_name_or_path, ",".join(config.tasks), trainer.steps_per_epoch,
-                     config.num_train_epochs, config.combiner, config.optim)
+                     config.num_train_epochs, config.combiner, config.optim, config.bf16)
             trainer.train()
         pred_dir = out / "predictions"
         scores = write_all_predictions(model, tensors, pred_dir, config, device, pad_id,
