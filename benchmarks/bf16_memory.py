@@ -10,10 +10,13 @@ mean time of a training step after the first. The parent prints one line per var
 Variants (``--variants``, comma-separated):
 
 * ``fp32``: ``--bf16 off``.
-* ``bf16``: ``--bf16 on`` as the trainer runs it.
+* ``bf16``: ``--bf16 on`` as the trainer runs it (oneDNN's primitive cache off: minbert.precision.bound_onednn_cache).
+* ``bf16_primcache``: ``--bf16 on`` with oneDNN's primitive cache at its default size (1024), as before issue #24.
 * ``bf16_nocache``: ``--bf16 on`` with autocast's cache of bf16 weight copies disabled (``cache_enabled=False``).
 * ``bf16_eval32``: ``--bf16 on`` for training, float32 for the dev pass.
 * ``bf16_noprimcache``: ``--bf16 on`` with oneDNN's primitive cache off (``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0``).
+* ``fp32_mmap``, ``bf16_mmap``: glibc's malloc with a fixed mmap threshold (``MALLOC_MMAP_THRESHOLD_=131072``:
+  large blocks are mapped and unmapped, not kept in the heap as the dynamic threshold lets them be).
 
     python benchmarks/bf16_memory.py                      # fp32 and bf16, 24 steps each: a few minutes on one core
     python benchmarks/bf16_memory.py --variants fp32,bf16,bf16_nocache,bf16_eval32 --steps 40
@@ -32,7 +35,9 @@ import tempfile
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-VARIANTS = ("fp32", "bf16", "bf16_nocache", "bf16_eval32", "bf16_noprimcache")
+VARIANTS = ("fp32", "bf16", "bf16_primcache", "bf16_nocache", "bf16_eval32", "bf16_noprimcache", "fp32_mmap", "bf16_mmap")
+ENV = {"bf16_noprimcache": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}, "bf16_primcache": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"},
+       "fp32_mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"}, "bf16_mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
 
 def peak_mb() -> float:
@@ -103,12 +108,10 @@ def main() -> None:
     for variant in variants:
         with tempfile.TemporaryDirectory() as out:
             argv = ["--skip_bad_rows", "--output_dir", os.path.join(out, "run"), "--data_dir", args.data_dir,
-                    "--bf16", "off" if variant == "fp32" else "on", "--num_train_epochs", "1",
+                    "--bf16", "off" if variant.startswith("fp32") else "on", "--num_train_epochs", "1",
                     "--max_steps_per_epoch", str(args.steps), "--max_train_samples", str(args.train_samples),
                     "--max_eval_samples", str(args.eval_samples), "--skip_test_predictions", "--logging_steps", "1000"]
-            env = dict(os.environ)
-            if variant == "bf16_noprimcache":
-                env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "0"
+            env = {**os.environ, **ENV.get(variant, {})}
             r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", variant, *argv], env=env,
                                capture_output=True, text=True)
             lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]

@@ -300,7 +300,7 @@ def test_cross_end_to_end_predict_only_and_export(cross_run, small_data, tmp_pat
     # --predict_only reads the encoding from the checkpoint: the same predictions
     out = tmp_path / "predict"
     assert train_main(["--predict_only", "--checkpoint", str(cross_run / "best"), "--data_dir", str(small_data),
-                       "--output_dir", str(out), "--max_eval_samples", "12"]) == 0
+                       "--output_dir", str(out), "--max_eval_samples", "12", "--bf16", "off"]) == 0
     for name in SIX:
         assert (out / "predictions" / name).read_text() == (cross_run / "predictions" / name).read_text()
     # export: the heads and the encoding travel with the encoder
@@ -372,7 +372,7 @@ def test_torchrun_two_processes_cross_with_smart_train_like_one(small_data, tmp_
     jobs = [("cross", common(small_data, double, PER_DEVICE) + flags),
             ("predict", ["--predict_only", "--checkpoint", str(single / "best"), "--data_dir", str(small_data),
                          "--output_dir", str(root / "predict"), "--max_eval_samples", "12",
-                         "--per_device_eval_batch_size", "4", "--device", "cpu"])]
+                         "--per_device_eval_batch_size", "4", "--device", "cpu", "--bf16", "off"])]
     os.environ["OMP_NUM_THREADS"] = "1"
     mp.spawn(_worker, args=(jobs, free_port(), str(double), str(dump)), nprocs=WORLD, join=True)
     one, two = weights(single / "last"), weights(double / "last")

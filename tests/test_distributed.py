@@ -163,7 +163,7 @@ def runs(small_data, tmp_path_factory):
     # ... and predict with the single process's checkpoint.
     jobs.append(("predict", ["--predict_only", "--checkpoint", str(single / "sum" / "best"), "--data_dir",
                              str(small_data), "--output_dir", str(double / "predict"), "--max_eval_samples", "12",
-                             "--per_device_eval_batch_size", "4", "--device", "cpu"]))
+                             "--per_device_eval_batch_size", "4", "--device", "cpu", "--bf16", "off"]))
     os.environ["OMP_NUM_THREADS"] = "1"
     mp.spawn(_worker, args=(jobs, free_port(), str(double), str(dump)), nprocs=WORLD, join=True)
     return single, double, dump

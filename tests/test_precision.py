@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -156,3 +157,19 @@ def test_the_default_is_bf16_where_native_and_float32_elsewhere(small_data, tmp_
     assert model.amp_dtype == (torch.bfloat16 if native else None)
     argv = row_argv(ROWS[0], "cpu", "data", tmp_path / "rows", "cpu")
     assert argv[argv.index("--bf16") + 1] == expected
+
+
+def test_a_bf16_run_on_cpu_turns_onednn_primitive_cache_off_unless_the_user_sized_it(monkeypatch):
+    """bf16's extra peak memory in training was oneDNN's cache of primitives for every new input shape
+    (benchmarks/bf16_memory.py): a run that resolves to bf16 on CPU turns it off before its first matmul; float32
+    runs and CUDA runs leave the environment alone, and a size the user chose is kept."""
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    monkeypatch.delenv(precision.ONEDNN_CACHE_ENV, raising=False)
+    cpu = torch.device("cpu")
+    assert resolve_bf16("off", cpu) == "off" and resolve_bf16("auto", cpu, smart_ball=True) == "off"
+    assert precision.ONEDNN_CACHE_ENV not in os.environ
+    assert resolve_bf16("on", torch.device("cuda")) == "on" and precision.ONEDNN_CACHE_ENV not in os.environ
+    assert resolve_bf16("auto", cpu) == "on"
+    assert os.environ[precision.ONEDNN_CACHE_ENV] == precision.ONEDNN_CACHE_CAPACITY == "0"
+    monkeypatch.setenv(precision.ONEDNN_CACHE_ENV, "64")
+    assert resolve_bf16("on", cpu) == "on" and os.environ[precision.ONEDNN_CACHE_ENV] == "64"
