@@ -12,6 +12,7 @@ Variants (``--variants``, comma-separated):
 * ``fp32``: ``--bf16 off``.
 * ``bf16``: ``--bf16 on`` as the trainer runs it (oneDNN's primitive cache off: minbert.precision.bound_onednn_cache).
 * ``bf16_primcache``: ``--bf16 on`` with oneDNN's primitive cache at its default size (1024), as before issue #24.
+* ``bf16_primcache64``: ``--bf16 on`` with a cache of 64 primitives.
 * ``bf16_nocache``: ``--bf16 on`` with autocast's cache of bf16 weight copies disabled (``cache_enabled=False``).
 * ``bf16_eval32``: ``--bf16 on`` for training, float32 for the dev pass.
 * ``bf16_noprimcache``: ``--bf16 on`` with oneDNN's primitive cache off (``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0``).
@@ -19,7 +20,8 @@ Variants (``--variants``, comma-separated):
   large blocks are mapped and unmapped, not kept in the heap as the dynamic threshold lets them be).
 
     python benchmarks/bf16_memory.py                      # fp32 and bf16, 24 steps each: a few minutes on one core
-    python benchmarks/bf16_memory.py --variants fp32,bf16,bf16_nocache,bf16_eval32 --steps 40
+    python benchmarks/bf16_memory.py --variants fp32,bf16,bf16_primcache --steps 40 --train_samples 2048 \
+        --eval_samples 1024                               # docs/speed.md, "bf16 memory"
 """
 from __future__ import annotations
 
@@ -35,8 +37,9 @@ import tempfile
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-VARIANTS = ("fp32", "bf16", "bf16_primcache", "bf16_nocache", "bf16_eval32", "bf16_noprimcache", "fp32_mmap", "bf16_mmap")
+VARIANTS = ("fp32", "bf16", "bf16_primcache", "bf16_primcache64", "bf16_nocache", "bf16_eval32", "bf16_noprimcache", "fp32_mmap", "bf16_mmap")
 ENV = {"bf16_noprimcache": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}, "bf16_primcache": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"},
+       "bf16_primcache64": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"},
        "fp32_mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"}, "bf16_mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
 
