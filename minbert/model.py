@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PRESETS, BertConfig
-from .io import check_regular_file, first_line, load_safetensors
+from .io import check_finite, load_safetensors
 
 log = logging.getLogger("minbert")
 
@@ -342,6 +342,12 @@ def resolve_model_dir(name_or_path: str | Path) -> Path | None:
     path = Path(name)
     if not path.is_dir():
         raise ValueError(f"{name}: not a preset ({', '.join(PRESETS)}) nor a directory")
+    if (path / "multitask.json").is_file() and not (path / "heads.safetensors").is_file() or \
+            (path / "args.json").is_file() and not (path / "config.json").is_file():
+        # A minbert checkpoint (or run folder) names its tensors encoder.* / heads.*: say so, not "missing weights"
+        raise ValueError(f"{path}: a minbert {'checkpoint' if (path / 'multitask.json').is_file() else 'run folder'}, "
+                         "not a Hugging Face model folder; convert it with `minbert-export --checkpoint "
+                         f"{path} --out DIR` and pass DIR (to predict with it: --predict_only --checkpoint {path})")
     if not os.path.lexists(path / "config.json"):  # one that is there but unreadable is named when it is read
         raise ValueError(f"{path}: no config.json (expected a Hugging Face model directory)")
     return path
@@ -354,18 +360,13 @@ def load_state_dict_file(directory: Path) -> tuple[Path, dict[str, torch.Tensor]
     if os.path.lexists(st):
         return st, load_safetensors(st)
     if os.path.lexists(binf):
-        import pickle
+        from .torch_load import load_torch_file
 
-        check_regular_file(binf)
-        try:
-            state = torch.load(binf, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError,
-                KeyError, IndexError, UnicodeDecodeError) as e:  # whatever a damaged archive makes torch.load raise
-            raise ValueError(f"{binf}: refused or unreadable (loaded with weights_only=True): {first_line(e)}") from None
+        state = load_torch_file(binf)  # weights_only=True; a refusal names the file, never the unsafe option
         if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                   for k, v in state.items()):
             raise ValueError(f"{binf}: not a state dict of tensors")
-        return binf, state
+        return binf, check_finite(state, binf)
     raise ValueError(f"{directory}: neither model.safetensors nor pytorch_model.bin found")
 
 
