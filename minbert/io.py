@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, TextIO
 
-from .disk_full import no_space_guard
+from .disk_full import DiskFullError, no_space_guard
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -250,7 +250,10 @@ def build_dir(target: str | Path, ignore: tuple[str, ...] = ()) -> Iterator[Path
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     old = None
     try:
-        yield tmp
+        try:
+            yield tmp
+        except DiskFullError:
+            raise DiskFullError(target) from None  # name the folder the user asked for, not the temporary one
         _fsync_dir(tmp)
         if target.exists():
             for name in ignore:

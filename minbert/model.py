@@ -191,6 +191,8 @@ class BertModel(nn.Module):
         if directory is None:  # a preset without weights
             config = BertConfig(**{**PRESETS[str(name_or_path)].__dict__, "add_pooling_layer": add_pooling_layer})
             return cls(config)
+        if (directory / "multitask.json").is_file() and not (directory / "heads.safetensors").is_file():
+            raise _minbert_folder(directory, "checkpoint")  # its tensors are encoder.* / heads.*: not "missing"
         config = BertConfig.from_json(directory / "config.json")
         config.add_pooling_layer = add_pooling_layer
         weights_file, hf_state = load_state_dict_file(directory)  # read (and its shapes checked) before allocating
@@ -342,15 +344,16 @@ def resolve_model_dir(name_or_path: str | Path) -> Path | None:
     path = Path(name)
     if not path.is_dir():
         raise ValueError(f"{name}: not a preset ({', '.join(PRESETS)}) nor a directory")
-    if (path / "multitask.json").is_file() and not (path / "heads.safetensors").is_file() or \
-            (path / "args.json").is_file() and not (path / "config.json").is_file():
-        # A minbert checkpoint (or run folder) names its tensors encoder.* / heads.*: say so, not "missing weights"
-        raise ValueError(f"{path}: a minbert {'checkpoint' if (path / 'multitask.json').is_file() else 'run folder'}, "
-                         "not a Hugging Face model folder; convert it with `minbert-export --checkpoint "
-                         f"{path} --out DIR` and pass DIR (to predict with it: --predict_only --checkpoint {path})")
+    if (path / "args.json").is_file() and not (path / "config.json").is_file():
+        raise _minbert_folder(path, "run folder")
     if not os.path.lexists(path / "config.json"):  # one that is there but unreadable is named when it is read
         raise ValueError(f"{path}: no config.json (expected a Hugging Face model directory)")
     return path
+
+
+def _minbert_folder(path: Path, kind: str) -> ValueError:
+    return ValueError(f"{path}: a minbert {kind}, not a Hugging Face model folder; convert it with `minbert-export "
+                      f"--checkpoint {path} --out DIR` and pass DIR (to predict with it: --checkpoint {path})")
 
 
 def load_state_dict_file(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:

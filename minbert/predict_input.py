@@ -39,8 +39,9 @@ def _named(fields: list[str]) -> list[str]:
     return [f for f in fields if f and not f.isdigit()]  # unnamed and pandas-index columns carry no meaning
 
 
-def _show(fields: list[str]) -> str:
-    return shorten(" \\t ".join(fields), 80)
+def _show(fields: list[str], limit: int = 80) -> str:
+    text = " \\t ".join(fields)  # the separator shown as \t, as the messages of the task readers do
+    return "'" + (text if len(text) <= limit else text[:limit] + "...") + "'"
 
 
 def read_inputs(path: str | Path, task: str, skip_bad_rows: bool = False,
@@ -60,17 +61,17 @@ def read_inputs(path: str | Path, task: str, skip_bad_rows: bool = False,
     fields = [h.strip() for h in first.split("\t")]
     expected = expected_headers(task)
     is_header = _named(fields) in expected
-    expect = f"expected the header {_show(expected[0])!r} (--input_format task)"
+    expect = f"expected the header {_show(expected[0])} (--input_format task)"
     if input_format == "task" or (input_format == "auto" and is_header):
         if not is_header:
-            raise DataError(f"{path}:1: header {_show(fields)!r} found, {expect}")
+            raise DataError(f"{path}:1: header {_show(fields)} found, {expect}")
         return _read_task_layout(path, task, skip_bad_rows)
     if input_format == "auto":
         spec = layout_of(task)
         shape = len(fields) == (2 if spec.is_pair else 1)
         if not shape or any(f.lower() in _HEADER_WORDS for f in fields):
             plain = "a tab-separated pair" if spec.is_pair else "one sentence without tabs"
-            raise DataError(f"{path}:1: header {_show(fields)!r} found, {expect}, or {plain} per line "
+            raise DataError(f"{path}:1: header {_show(fields)} found, {expect}, or {plain} per line "
                             "(--input_format lines)")
     return _read_lines(path, task, lines)
 
