@@ -42,7 +42,7 @@ def snapshot(directory):
 def test_predict_output_refuses_existing_files_unless_overwrite(run_dir, tmp_path, capsys):
     out = tmp_path / "preds.csv"
     out.write_text("mine\n")
-    base = ["--checkpoint", str(run_dir), "--task", "sst", "a fine film", "--output", str(out)]
+    base = ["--checkpoint", str(run_dir), "--task", "sst", "a fine film", "--format", "csv", "--output", str(out)]
     code, _, err = predict(base, capsys)
     assert code == 1 and err == f"error: --output {out}: exists; pass --overwrite to replace it\n"
     assert out.read_text() == "mine\n"
@@ -147,7 +147,7 @@ def test_a_real_full_disk_is_one_line(run_dir, tmp_path):
     mnt.mkdir()
     script = (f"mount -t tmpfs -o size=1m tmpfs {mnt} || exit 77; "
               f"{sys.executable} -m minbert.export --checkpoint {run_dir} --out {mnt}/hf; echo rc=$?; ls -A {mnt}; "
-              f"head -c 1040000 /dev/zero > {mnt}/filler; "
+              f"head -c 2000000 /dev/zero > {mnt}/filler 2>/dev/null; "
               f"{sys.executable} -m minbert.predict_cli --checkpoint {run_dir} --task sst 'a film' --output {mnt}/p.csv;"
               f" echo rc=$?; ls -A {mnt}")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -169,3 +169,13 @@ def test_atomic_write_text_names_a_full_disk(tmp_path, monkeypatch):
     with pytest.raises(DiskFullError, match="no space left on device"):
         atomic_write_text(tmp_path / "f.txt", "x")
     assert os.listdir(tmp_path) == []
+
+
+def test_output_dir_never_holds_or_lies_in_the_checkpoint_it_reads(run_dir, tmp_path):
+    from minbert.output_policy import check_run_inputs
+
+    for out, overwrite in ((run_dir / "best", False), (run_dir / "best" / "p", False), (run_dir, True)):
+        with pytest.raises(ValueError, match=f"^--output_dir {out}"):
+            check_run_inputs(out, {"--checkpoint": run_dir / "best", "--model_name_or_path": None}, overwrite)
+    check_run_inputs(tmp_path / "new", {"--checkpoint": run_dir / "best"}, True)
+    check_run_inputs(run_dir, {"--model_name_or_path": "bert-tiny"}, True)  # a preset is no folder
