@@ -67,7 +67,10 @@ def load(path: str | Path, device: str | torch.device = "auto", bf16: bool | str
     ``bf16``: bfloat16 autocast for the forward passes (weights stay float32), as ``--bf16`` in training: True or
     ``"on"``, False or ``"off"``, or ``"auto"`` (on where the device has native bfloat16).
     ``max_seq_length``: truncate longer inputs (default: the checkpoint tokenizer's limit, the training run's
-    ``--max_seq_length``; an exported tokenizer has none, so 128).
+    ``--max_seq_length``; an exported tokenizer has none, so 128, or the model's positions if fewer). Training's
+    limits apply: 5 to max_position_embeddings, else :class:`MaxSeqLengthError` (a ValueError).
+    Weights with a NaN or infinite value are refused (a DataError naming the file and tensor), and a prediction
+    whose outputs are not finite raises :class:`NonFiniteOutputError` instead of returning an answer.
     """
     directory = resolve_checkpoint(path)
     if max_seq_length is not None:  # its type and lower limit, before any weights are read

@@ -25,7 +25,9 @@ def torch_load_problem(error: BaseException) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
     if "weights only load failed" in text.lower() or "weights_only" in text:
         found = re.search(r"WeightsUnpickler error:\s*([^\n]*)", text)
-        detail = f" ({found.group(1).strip().rstrip('.')})" if found and found.group(1).strip() else ""
+        # its first clause only: torch goes on to explain how to allowlist the class, which is not advice to give
+        reason = re.split(r" was not an allowed global|\. ", found.group(1))[0].strip().rstrip(".") if found else ""
+        detail = f" ({reason})" if reason else ""
         return (f"refused: it holds pickled Python objects, not only tensors{detail}; minbert loads plain tensor "
                 "archives and safetensors only, since unpickling an object can run code")
     return f"cannot read: {text.strip().splitlines()[0] if text.strip() else type(error).__name__}"

@@ -225,5 +225,6 @@ def test_a_pickled_payload_is_refused_without_unsafe_advice(tmp_path):
     msg = str(e.value)
     assert msg.startswith(f"{tmp_path / 'optimizer.pt'}: refused: it holds pickled Python objects")
     assert "weights_only=False" not in msg and "weights_only` set to `False" not in msg and "\n" not in msg
+    assert "safe_globals" not in msg and "Payload" in msg  # the diagnosis, not how to allowlist the class
     json.dumps(msg)  # no escape codes either
     assert "\x1b" not in msg
