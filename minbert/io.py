@@ -21,7 +21,15 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, TextIO
 
-from .disk_full import DiskFullError, no_space_guard
+if __package__:
+    from .disk_full import DiskFullError, no_space_guard
+else:  # this file loaded on its own (tests/test_atomic.py's writer process): its sibling, by path
+    import importlib.util as _util
+
+    _spec = _util.spec_from_file_location("disk_full", Path(__file__).with_name("disk_full.py"))
+    _disk_full = _util.module_from_spec(_spec)
+    _spec.loader.exec_module(_disk_full)
+    DiskFullError, no_space_guard = _disk_full.DiskFullError, _disk_full.no_space_guard
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

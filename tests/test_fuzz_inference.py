@@ -147,6 +147,7 @@ def test_non_finite_weights_are_refused_by_every_loader(run_dir, tmp_path, capsy
     rng = random.Random(SEED)
     exported = tmp_path / "exported"
     assert export_main(["--checkpoint", str(run_dir), "--out", str(exported)]) == 0
+    capsys.readouterr()
     for i in range(3):
         bad = tmp_path / f"bad{i}"
         name = poisoned(run_dir / "best", bad, rng)
