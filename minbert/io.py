@@ -160,7 +160,7 @@ def check_finite(state: dict, source: str | Path) -> dict:
     for name, tensor in state.items():
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
-            raise DataError(f"{source}: tensor {name} has {bad} non-finite value(s) (NaN or inf): the weights are "
+            raise DataError(f"{source}: tensor {name} is not finite ({bad} NaN or inf value(s)): the weights are "
                             "damaged or come from a diverged run; refusing to use them")
     return state
 
