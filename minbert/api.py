@@ -18,20 +18,17 @@ embeddings, while :meth:`InferenceModel.predict_similarity` is the STS head's 0.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .config import BertConfig
-from .data import TASKS, Example, TaskData, pad, sorted_batches, tensorize
-from .model import BertModel
-from .multitask import MultitaskBert, MultitaskConfig, load_weights, resolve_checkpoint
+from .data import TASKS, Example, TaskData, blank_text_problem, pad, sorted_batches, tensorize
+from .multitask import MultitaskBert, load_exported, resolve_checkpoint  # noqa: F401 (load_exported: API)
 from .precision import DEFAULT_BF16, resolve_bf16
 from .pooling import pool
-from .tokenizer import load_tokenizer, pad_token_id
+from .tokenizer import load_tokenizer, pad_token_id, seq_length_problem
 
 # Class names of the sentiment tasks, indexed by class id (the SST labels of the CS224N data).
 SENTIMENT_LABELS = {
@@ -39,6 +36,14 @@ SENTIMENT_LABELS = {
     "sst2": ("negative", "positive"),
 }
 DEFAULT_BATCH_SIZE = 64
+
+
+class MaxSeqLengthError(ValueError):
+    """``max_seq_length`` outside 5..max_position_embeddings (the limits training applies)."""
+
+
+class NonFiniteOutputError(ValueError):
+    """The model gave NaN or infinite outputs: no prediction is returned rather than a meaningless one."""
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -62,31 +67,38 @@ def load(path: str | Path, device: str | torch.device = "auto", bf16: bool | str
     ``bf16``: bfloat16 autocast for the forward passes (weights stay float32), as ``--bf16`` in training: True or
     ``"on"``, False or ``"off"``, or ``"auto"`` (the default: on where the device has native bfloat16).
     ``max_seq_length``: truncate longer inputs (default: the checkpoint tokenizer's limit, the training run's
-    ``--max_seq_length``; an exported tokenizer has none, so 128).
+    ``--max_seq_length``; an exported tokenizer has none, so 128, or the model's positions if fewer). Training's
+    limits apply: 5 to max_position_embeddings, else :class:`MaxSeqLengthError` (a ValueError).
+    Weights with a NaN or infinite value are refused (a DataError naming the file and tensor), and a prediction
+    whose outputs are not finite raises :class:`NonFiniteOutputError` instead of returning an answer.
     """
     directory = resolve_checkpoint(path)
-    model = load_exported(directory) if (directory / "heads.safetensors").is_file() else MultitaskBert.load(directory)
+    if max_seq_length is not None:  # its type and lower limit, before any weights are read
+        _check_max_seq_length(max_seq_length, None, "max_seq_length")
+    model = MultitaskBert.load(directory)  # a minbert checkpoint or an export folder; weights checked finite
+    limit = model.encoder.config.max_position_embeddings
+    if max_seq_length is not None:
+        _check_max_seq_length(max_seq_length, limit, "max_seq_length")
+    elif (directory / "heads.safetensors").is_file():  # an exported tokenizer has no limit of its own
+        max_seq_length = min(128, limit)
     tokenizer = load_tokenizer(directory, max_seq_length)
+    _check_max_seq_length(tokenizer.truncation["max_length"], limit, f"{directory / 'tokenizer.json'}: its truncation")
     return InferenceModel(model, tokenizer, device=device, bf16=bf16, batch_size=batch_size)
 
 
-def load_exported(directory: str | Path) -> MultitaskBert:
-    """Rebuild the multitask model from a ``minbert-export`` folder: the encoder from its Hugging Face files, the
-    heads from heads.safetensors and multitask.json."""
-    directory = Path(directory)
-    config = BertConfig.from_json(directory / "config.json")
-    encoder = BertModel.from_pretrained(directory, add_pooling_layer=config.add_pooling_layer)
-    try:
-        mt_config = MultitaskConfig(**json.loads((directory / "multitask.json").read_text(encoding="utf-8")))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{directory / 'multitask.json'}: invalid: {e}") from None
-    model = MultitaskBert(encoder, mt_config)
-    missing, unexpected = model.load_state_dict(load_weights(directory / "heads.safetensors"), strict=False)
-    missing = [k for k in missing if k.startswith("heads.")]  # the encoder is already loaded
-    if missing or unexpected:
-        raise ValueError(f"{directory / 'heads.safetensors'}: does not match multitask.json "
-                         f"(missing {missing}, unexpected {unexpected})")
-    return model
+def _check_max_seq_length(n, limit: int | None, what: str) -> None:
+    problem = seq_length_problem(n, limit)
+    if problem:
+        raise MaxSeqLengthError(f"{what} {problem}")
+
+
+def _check_finite_outputs(outputs: torch.Tensor, what: str) -> torch.Tensor:
+    bad = ~torch.isfinite(outputs.reshape(len(outputs), -1)).all(dim=1)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        raise NonFiniteOutputError(f"the model gives non-finite {what} (NaN or inf) for {int(bad.sum())} input(s), "
+                                   f"the first is input {first}; no prediction returned")
+    return outputs
 
 
 class InferenceModel:
@@ -183,7 +195,7 @@ class InferenceModel:
                 output = self.model(task, batch)
             for i, o in zip(idx, output.float().cpu()):
                 out[i] = o
-        return torch.stack(out)
+        return _check_finite_outputs(torch.stack(out), f"{task} outputs")
 
     # ---------------------------------------------------------------------------------------------- embeddings
     @torch.inference_mode()
@@ -203,6 +215,7 @@ class InferenceModel:
                 states = self.model.encoder.encode(self.model.embed_inputs(batch)[0], batch["attention_mask"])
                 pooled = pool(states, batch["attention_mask"], self.pooling)
             out[idx] = pooled.float().cpu()
+        _check_finite_outputs(out, "embeddings")
         if normalize:
             out = torch.nn.functional.normalize(out, dim=-1)
         return out.numpy()
@@ -215,8 +228,9 @@ def _texts(sentences: Sequence[str]) -> list[str]:
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"sentence {i} is a {type(t).__name__}, not a str")
-        if not t.strip():
-            raise ValueError(f"sentence {i} is empty")
+        problem = blank_text_problem(t)  # the rule of the task readers and minbert-predict
+        if problem:
+            raise ValueError(f"sentence {i} {problem}")
     return texts
 
 
@@ -230,7 +244,8 @@ def _pairs(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
         for side, t in zip(("first", "second"), pair):
             if not isinstance(t, str):
                 raise TypeError(f"pair {i}: the {side} sentence is a {type(t).__name__}, not a str")
-            if not t.strip():
-                raise ValueError(f"pair {i}: the {side} sentence is empty")
+            problem = blank_text_problem(t)
+            if problem:
+                raise ValueError(f"pair {i}: the {side} sentence {problem}")
         out.append((pair[0], pair[1]))
     return out

@@ -9,8 +9,6 @@ state; reading checks every file first and names the one that is damaged or belo
 """
 from __future__ import annotations
 
-import json
-import pickle
 import random
 from pathlib import Path
 
@@ -22,6 +20,8 @@ from .io import (atomic_save, atomic_write_text, check_regular_file, first_line,
                  replace_dir)
 from .multitask import load_weights
 from .output_dir import read_json
+from .io import json_text
+from .torch_load import load_torch_file
 
 # trainer_state.json: each key and the JSON types its value may have.
 TRAINER_STATE_KEYS = {
@@ -109,7 +109,7 @@ def save_last(trainer) -> None:
         t.model.save(d, t.tokenizer)
         atomic_save(d / "optimizer.pt", lambda p: torch.save(t.optimizer.state_dict(), p))
         atomic_save(d / "training_state.pt", lambda p: torch.save(extra, p))
-        atomic_write_text(d / "trainer_state.json", json.dumps(state, indent=2) + "\n")
+        atomic_write_text(d / "trainer_state.json", json_text(state) + "\n")
 
     replace_dir(t.out_dir / "last", write)
     t.last_saved_step = t.global_step
@@ -124,7 +124,7 @@ def save_best(trainer) -> None:
 
     def write(d: Path) -> None:
         t.model.save(d, t.tokenizer)
-        atomic_write_text(d / "best.json", json.dumps(tag, indent=2) + "\n")
+        atomic_write_text(d / "best.json", json_text(tag) + "\n")
 
     replace_dir(t.out_dir / "best", write)
 
@@ -176,9 +176,9 @@ def read_weights(path: Path, model: torch.nn.Module, device) -> dict[str, torch.
 
 def _torch_load(path: Path):
     try:
-        return torch.load(check_regular_file(path), map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
-        raise DamagedCheckpoint(path, f"cannot read: {first_line(e)}") from None
+        return load_torch_file(path)  # weights_only=True; its refusal never suggests turning that off
+    except ValueError as e:  # its message names the file
+        raise ValueError(f"--resume: {first_line(e)}") from None
 
 
 def restore(trainer, directory: Path) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -109,9 +108,9 @@ class BertConfig:
         return d
 
     def save(self, path: str | Path) -> None:
-        from .io import atomic_write_text
+        from .io import atomic_write_text, json_text
 
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(path, json_text(self.to_dict()) + "\n")
 
 
 def _check_int(name: str, value, minimum: int) -> int:

@@ -158,6 +158,16 @@ def is_blank(text: str) -> bool:
     return all(ch.isspace() or unicodedata.category(ch) in _UNSEEN for ch in text)
 
 
+def blank_text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be read as a sentence, or None: the one rule for empty texts, shared by the task
+    readers, minbert-predict (arguments and --input) and the Python API."""
+    if not text.strip():
+        return "is empty"
+    if is_blank(text):
+        return f"{shorten(text)} has only invisible characters (control, zero-width, combining or space)"
+    return None
+
+
 def id_problem(ex_id: str) -> str | None:
     """What makes ``ex_id`` (already stripped) unusable as an example id, or None. Ids are written into the
     ``id , value`` prediction files and read back by evaluate.py, so an id must survive that format: no comma,
@@ -238,11 +248,9 @@ def read_task_file(spec: TaskSpec, path: str | Path, split: str, skip_bad_rows: 
                 raise ValueError(f"duplicate id {shorten(ex_id)} (first on line {seen[ex_id]})")
             texts = tuple(fields[c] for c in text_cols)
             for name, t in zip(spec.text_columns, texts):
-                if not t.strip():
-                    raise ValueError(f"empty {name}")
-                if is_blank(t):
-                    raise ValueError(f"{name} {shorten(t)} has only invisible characters (control, zero-width, "
-                                     "combining or space)")
+                problem = blank_text_problem(t)
+                if problem:
+                    raise ValueError(f"{name} {problem}")
             label = _parse_label(spec, fields[label_col]) if label_col is not None else None
         except LabelRangeError as e:
             raise DataError(f"{path}:{line}: {e}") from None

@@ -14,7 +14,10 @@ The output directory loads with ``transformers.BertModel.from_pretrained`` and `
     heads.safetensors       the task heads, under MultitaskBert's key names (``heads.sst.classifier.weight``...)
     multitask.json          the MultitaskConfig the heads belong to (tasks, pooling, head kinds)
 
-Every file is written atomically (minbert.io), so an interrupted export never leaves a half-written file.
+The folder is built whole in a temporary folder beside ``--out`` and renamed into place (minbert.io.build_dir): an
+interrupted or failed export (a full disk) leaves no partial folder that would block running it again. ``--out``
+follows minbert.output_policy: never an input or inside a checkpoint or run folder; an existing one is replaced
+only with ``--overwrite`` and only when it holds nothing but an export's files.
 """
 from __future__ import annotations
 
@@ -26,9 +29,10 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from .io import atomic_save, atomic_write_text
+from .io import atomic_save, atomic_write_text, build_dir, json_text
 from .model import to_hf_state_dict
 from .multitask import MultitaskBert, resolve_checkpoint
+from .output_policy import LOCK_FILE, check_output_folder
 from .tokenizer import read_tokenizer_json
 
 HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "tokenizer_config.json")
@@ -73,11 +77,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool =
     with the heads beside it (heads.safetensors + multitask.json). Returns ``out``."""
     from safetensors.torch import save_file
 
-    checkpoint, out = resolve_checkpoint(checkpoint), Path(out)  # a run's --output_dir means its best/
-    if out.resolve() == checkpoint.resolve():
-        raise ValueError(f"--out {out}: must differ from --checkpoint (the key names differ)")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"--out {out} exists and is not empty; pass --overwrite to replace its files")
+    given, out = checkpoint, Path(out)
+    checkpoint = resolve_checkpoint(checkpoint)  # a run's --output_dir means its best/
+    check_output_folder(out, "--out", {"--checkpoint": given}, HF_FILES + HEAD_FILES, overwrite)
 
     model = MultitaskBert.load(checkpoint)
     if not os.path.lexists(checkpoint / "tokenizer.json"):
@@ -97,14 +99,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool =
     heads = {k: v for k, v in state.items() if k.startswith("heads.")}
     hf_state = to_hf_state_dict(encoder)
 
-    out.mkdir(parents=True, exist_ok=True)
-    config.save(out / "config.json")
-    atomic_save(out / "model.safetensors", lambda p: save_file(hf_state, str(p), metadata={"format": "pt"}))
-    atomic_write_text(out / "tokenizer.json", tokenizer.to_str(pretty=True))
-    atomic_write_text(out / "vocab.txt", "".join(token + "\n" for token in vocab))
-    atomic_write_text(out / "tokenizer_config.json", json.dumps(tok_config, indent=2) + "\n")
-    atomic_save(out / "heads.safetensors", lambda p: save_file(heads, str(p), metadata={"format": "pt"}))
-    atomic_save(out / "multitask.json", lambda p: shutil.copyfile(checkpoint / "multitask.json", p))
+    with build_dir(out, ignore=(LOCK_FILE,)) as tmp:  # a failure (a full disk) leaves --out as it was
+        config.save(tmp / "config.json")
+        atomic_save(tmp / "model.safetensors", lambda p: save_file(hf_state, str(p), metadata={"format": "pt"}))
+        atomic_write_text(tmp / "tokenizer.json", tokenizer.to_str(pretty=True))
+        atomic_write_text(tmp / "vocab.txt", "".join(token + "\n" for token in vocab))
+        atomic_write_text(tmp / "tokenizer_config.json", json_text(tok_config) + "\n")
+        atomic_save(tmp / "heads.safetensors", lambda p: save_file(heads, str(p), metadata={"format": "pt"}))
+        atomic_save(tmp / "multitask.json", lambda p: shutil.copyfile(checkpoint / "multitask.json", p))
     return out
 
 
@@ -121,8 +123,10 @@ def export_parser() -> argparse.ArgumentParser:
                    help="a minbert checkpoint directory (e.g. runs/default/best: model.safetensors, config.json, "
                         "multitask.json, tokenizer.json), or a run's --output_dir (its best/ is exported)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, help="the Hugging Face model directory to write")
-    g.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out directory")
+    g.add_argument("--out", required=True, help="the Hugging Face model directory to write (built beside it and "
+                                                "renamed into place; not inside a checkpoint or run folder)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that holds an earlier export (and nothing else)")
     return p
 
 

@@ -21,6 +21,16 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, TextIO
 
+if __package__:
+    from .disk_full import DiskFullError, no_space_guard
+else:  # this file loaded on its own (tests/test_atomic.py's writer process): its sibling, by path
+    import importlib.util as _util
+
+    _spec = _util.spec_from_file_location("disk_full", Path(__file__).with_name("disk_full.py"))
+    _disk_full = _util.module_from_spec(_spec)
+    _spec.loader.exec_module(_disk_full)
+    DiskFullError, no_space_guard = _disk_full.DiskFullError, _disk_full.no_space_guard
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 PUBLISHED_MODE = 0o666 & ~_UMASK  # what open() would give a new file: every published file gets it
@@ -135,9 +145,33 @@ def load_safetensors(path: str | Path, device: str = "cpu") -> dict:
 
     check_regular_file(path)  # safetensors opens by name: a FIFO would block it
     try:
-        return load_file(str(path), device=str(device))
+        state = load_file(str(path), device=str(device))
     except Exception as e:  # safetensors raises its own error types (SafetensorError, and others on bad headers)
         raise DataError(f"{path}: cannot read safetensors file: {first_line(e)}") from None
+    return check_finite(state, path)
+
+
+def check_finite(state: dict, source: str | Path) -> dict:
+    """``state`` (name -> tensor) if every floating-point tensor is finite, else a one-line DataError naming
+    ``source`` and the first bad tensor: NaN weights give a label with NaN probabilities, never a usable answer.
+    Every weights loader goes through here (safetensors via :func:`load_safetensors`, .bin archives too)."""
+    import torch
+
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise DataError(f"{source}: tensor {name} is not finite ({bad} NaN or inf value(s)): the weights are "
+                            "damaged or come from a diverged run; refusing to use them")
+    return state
+
+
+def json_text(value, indent: int | None = 2) -> str:
+    """JSON text of ``value`` for a file minbert writes; NaN or infinity is a ValueError, never the bare ``NaN``
+    that ``json.dumps`` writes by default (which is not JSON)."""
+    try:
+        return json.dumps(value, indent=indent, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        raise ValueError("refusing to write a non-finite number (NaN or infinity) as JSON") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,22 +182,28 @@ def load_safetensors(path: str | Path, device: str = "cpu") -> dict:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    os.close(fd)
+    with no_space_guard(path):  # a full disk: one line naming the file, whichever writer hit it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        os.close(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            f.flush()
-            # mkstemp creates 0600, and a writer may replace the temporary file with its own (safetensors
-            # does, again 0600): set the usual permissions on whatever is there now, just before publishing.
-            os.fchmod(f.fileno(), PUBLISHED_MODE)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        with no_space_guard(path):
+            yield tmp
+            _publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb+") as f:
+        f.flush()
+        # mkstemp creates 0600, and a writer may replace the temporary file with its own (safetensors
+        # does, again 0600): set the usual permissions on whatever is there now, just before publishing.
+        os.fchmod(f.fileno(), PUBLISHED_MODE)
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
@@ -194,7 +234,8 @@ def replace_dir(directory: str | Path, write: Callable[[Path], None]) -> None:
     directory = Path(directory)
     partial, old = _sibling(directory, ".partial"), _sibling(directory, ".old")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    with no_space_guard(partial):
+        partial.mkdir(parents=True)
     write(partial)
     _fsync_dir(partial)
     if directory.exists():
@@ -203,6 +244,42 @@ def replace_dir(directory: str | Path, write: Callable[[Path], None]) -> None:
     os.replace(partial, directory)
     _fsync_dir(directory.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def build_dir(target: str | Path, ignore: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``target`` to fill; on success it takes ``target``'s place (an
+    existing ``target`` is moved aside and deleted only after the new one is in place), on any failure it is
+    deleted, so an interrupted or failed build (a full disk) leaves nothing that blocks running it again.
+    Entries of the old ``target`` named in ``ignore`` (a lock file held by the writer) move into the new one."""
+    target = Path(target)
+    with no_space_guard(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    old = None
+    try:
+        try:
+            yield tmp
+        except DiskFullError:
+            raise DiskFullError(target) from None  # name the folder the user asked for, not the temporary one
+        _fsync_dir(tmp)
+        if target.exists():
+            for name in ignore:
+                if os.path.lexists(target / name):
+                    os.replace(target / name, tmp / name)
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / target.name)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None:  # put the previous one back
+                os.replace(old / target.name, target)
+            raise
+        _fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def published_dir(directory: str | Path) -> Path | None:
@@ -251,11 +328,12 @@ class AppendLog:
         if "\n" in line:
             raise ValueError("a log record must be one line")
         data = (line + "\n").encode("utf-8")
-        written = os.write(self._fd, data)
-        while written < len(data):  # regular files take the whole buffer in practice; be exact anyway
-            written += os.write(self._fd, data[written:])
-        if self.fsync:
-            os.fsync(self._fd)
+        with no_space_guard(self.path):
+            written = os.write(self._fd, data)
+            while written < len(data):  # regular files take the whole buffer in practice; be exact anyway
+                written += os.write(self._fd, data[written:])
+            if self.fsync:
+                os.fsync(self._fd)
 
     def close(self) -> None:
         if self._fd >= 0:

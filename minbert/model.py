@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PRESETS, BertConfig
-from .io import check_regular_file, first_line, load_safetensors
+from .io import check_finite, load_safetensors
 
 log = logging.getLogger("minbert")
 
@@ -191,6 +191,8 @@ class BertModel(nn.Module):
         if directory is None:  # a preset without weights
             config = BertConfig(**{**PRESETS[str(name_or_path)].__dict__, "add_pooling_layer": add_pooling_layer})
             return cls(config)
+        if (directory / "multitask.json").is_file() and not (directory / "heads.safetensors").is_file():
+            raise _minbert_folder(directory, "checkpoint")  # its tensors are encoder.* / heads.*: not "missing"
         config = BertConfig.from_json(directory / "config.json")
         config.add_pooling_layer = add_pooling_layer
         weights_file, hf_state = load_state_dict_file(directory)  # read (and its shapes checked) before allocating
@@ -342,9 +344,16 @@ def resolve_model_dir(name_or_path: str | Path) -> Path | None:
     path = Path(name)
     if not path.is_dir():
         raise ValueError(f"{name}: not a preset ({', '.join(PRESETS)}) nor a directory")
+    if (path / "args.json").is_file() and not (path / "config.json").is_file():
+        raise _minbert_folder(path, "run folder")
     if not os.path.lexists(path / "config.json"):  # one that is there but unreadable is named when it is read
         raise ValueError(f"{path}: no config.json (expected a Hugging Face model directory)")
     return path
+
+
+def _minbert_folder(path: Path, kind: str) -> ValueError:
+    return ValueError(f"{path}: a minbert {kind}, not a Hugging Face model folder; convert it with `minbert-export "
+                      f"--checkpoint {path} --out DIR` and pass DIR (to predict with it: --checkpoint {path})")
 
 
 def load_state_dict_file(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -354,18 +363,13 @@ def load_state_dict_file(directory: Path) -> tuple[Path, dict[str, torch.Tensor]
     if os.path.lexists(st):
         return st, load_safetensors(st)
     if os.path.lexists(binf):
-        import pickle
+        from .torch_load import load_torch_file
 
-        check_regular_file(binf)
-        try:
-            state = torch.load(binf, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError,
-                KeyError, IndexError, UnicodeDecodeError) as e:  # whatever a damaged archive makes torch.load raise
-            raise ValueError(f"{binf}: refused or unreadable (loaded with weights_only=True): {first_line(e)}") from None
+        state = load_torch_file(binf)  # weights_only=True; a refusal names the file, never the unsafe option
         if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                   for k, v in state.items()):
             raise ValueError(f"{binf}: not a state dict of tensors")
-        return binf, state
+        return binf, check_finite(state, binf)
     raise ValueError(f"{directory}: neither model.safetensors nor pytorch_model.bin found")
 
 

@@ -7,7 +7,6 @@ the pooled joint sequence). MultitaskConfig.pair_encoding says which, per task.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -19,7 +18,7 @@ from torch import nn
 from .config import BertConfig
 from .data import PAIR_ENCODINGS, TASKS
 from .heads import STS_HEADS, build_heads
-from .io import DataError, atomic_save, atomic_write_text, load_safetensors, published_dir, read_json_file
+from .io import DataError, atomic_save, atomic_write_text, json_text, load_safetensors, published_dir, read_json_file
 from .model import BertModel
 from .pooling import POOLING_MODES, pool
 
@@ -128,7 +127,7 @@ class MultitaskBert(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         atomic_save(directory / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         self.encoder.config.save(directory / "config.json")
-        atomic_write_text(directory / "multitask.json", json.dumps(asdict(self.config), indent=2) + "\n")
+        atomic_write_text(directory / "multitask.json", json_text(asdict(self.config)) + "\n")
         if tokenizer is not None:
             atomic_write_text(directory / "tokenizer.json", tokenizer.to_str(pretty=True))
 
@@ -139,6 +138,8 @@ class MultitaskBert(nn.Module):
         directory = Path(directory)
         if not directory.is_dir():
             raise ValueError(f"{directory}: no such checkpoint directory")
+        if (directory / "heads.safetensors").is_file():  # a minbert-export folder reads as the same model
+            return load_exported(directory)
         for name in ("model.safetensors", "config.json", "multitask.json"):
             if not os.path.lexists(directory / name):  # one that is there but unreadable is named when read
                 raise ValueError(f"{directory}: not a minbert checkpoint ({name} is missing)")
@@ -150,6 +151,22 @@ class MultitaskBert(nn.Module):
         check_state_dict(model, state, weights_file)
         model.load_state_dict(state)
         return model
+
+
+def load_exported(directory: str | Path) -> MultitaskBert:
+    """Rebuild the multitask model from a ``minbert-export`` folder: the encoder from its Hugging Face files, the
+    heads from heads.safetensors and multitask.json (every weights file checked finite, as in :meth:`load`)."""
+    directory = Path(directory)
+    config = BertConfig.from_json(directory / "config.json")
+    encoder = BertModel.from_pretrained(directory, add_pooling_layer=config.add_pooling_layer)
+    model = MultitaskBert(encoder, MultitaskConfig.from_json(directory / "multitask.json"))
+    heads_file = directory / "heads.safetensors"
+    missing, unexpected = model.load_state_dict(load_weights(heads_file), strict=False)
+    missing = [k for k in missing if k.startswith("heads.")]  # the encoder is already loaded
+    if missing or unexpected:
+        raise DataError(f"{heads_file}: does not match {directory / 'multitask.json'} "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -166,6 +183,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return best
     if (path / "args.json").is_file():
         raise ValueError(f"{path}: a run directory without a best/ checkpoint (the run has not finished an epoch)")
+    if (path / "config.json").is_file() and any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
+        raise ValueError(f"{path}: a Hugging Face model folder without minbert's task heads (no multitask.json); "
+                         f"fine-tune it with --model_name_or_path {path}, or give the minbert-export folder it "
+                         "came from (it has heads.safetensors)")
     raise ValueError(f"{path}: not a minbert checkpoint (no multitask.json) nor a run directory with best/")
 
 

@@ -6,24 +6,26 @@
     minbert-predict --checkpoint runs/main --task sts --input pairs.txt --format jsonl --output pairs.jsonl
 
 ``--input`` reads a file in the task's CSV layout (the CS224N files: tab-separated, a header naming the ``id`` and
-text columns; read by ``minbert.data.read_task_file``), or else one text per line (a tab-separated pair per line
-for qqp and sts). Predictions are made by the Python API (``minbert.api``), batched; the whole output is computed
-before anything is written, and ``--output`` is written atomically.
+text columns) or one text per line (a tab-separated pair per line for qqp and sts): ``--input_format``, or the
+exact header, says which (``minbert.predict_input``); anything else is refused. Predictions are made by the Python
+API (``minbert.api``), batched; the whole output is computed before anything is written, and ``--output`` is
+written atomically, never over an existing file unless ``--overwrite``, never over an input or into a checkpoint
+or run folder (``minbert.output_policy``).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import io
-import json
 import sys
-from pathlib import Path
 
-from .api import DEFAULT_BATCH_SIZE, SENTIMENT_LABELS, InferenceModel, load
+from .api import DEFAULT_BATCH_SIZE, SENTIMENT_LABELS, InferenceModel, MaxSeqLengthError, load
 from .cli import _bf16, _positive_int, _run_user_command
-from .data import TASKS, DataError, read_task_file, shorten
-from .io import atomic_write_text
+from .data import TASKS, blank_text_problem
+from .io import atomic_write_text, json_text
 from .precision import DEFAULT_BF16
+from .output_policy import check_output_path
+from .predict_input import INPUT_FORMATS, read_inputs  # noqa: F401 (read_inputs: the --input reader)
 
 PREDICT_TASKS = ("sst", "sst2", "qqp", "sts")
 FORMATS = ("text", "csv", "jsonl")
@@ -56,7 +58,8 @@ def predict_parser() -> argparse.ArgumentParser:
                         "default) = on where the device has native bfloat16, off elsewhere")
     g.add_argument("--batch_size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help="inputs per forward pass")
     g.add_argument("--max_seq_length", type=_positive_int, default=None,
-                   help="truncate longer inputs (default: the checkpoint's training limit; 128 for an export)")
+                   help="truncate longer inputs, 5 to the model's max_position_embeddings, as in training (default: "
+                        "the checkpoint's training limit; 128 for an export)")
     g = p.add_argument_group("input")
     g.add_argument("--task", required=True, choices=PREDICT_TASKS,
                    help="sst / sst2: sentiment of each TEXT; qqp: is the pair TEXT TEXT a paraphrase; sts: the "
@@ -64,16 +67,22 @@ def predict_parser() -> argparse.ArgumentParser:
     g.add_argument("texts", nargs="*", metavar="TEXT",
                    help="the sentence(s) to predict (sst: one or more; qqp, sts: exactly two, one pair)")
     g.add_argument("--input", metavar="FILE", default=None,
-                   help="read the inputs from FILE instead: the task's CSV layout (tab-separated with a header "
-                        "naming id and the text columns, like data/ids-sst-dev.csv), or one text per line (a "
+                   help="read the inputs from FILE instead: the task's CSV layout (tab-separated with the header "
+                        "'id, text column(s)[, label]', like data/ids-sst-dev.csv), or one text per line (a "
                         "tab-separated pair per line for qqp and sts)")
+    g.add_argument("--input_format", choices=INPUT_FORMATS, default="auto",
+                   help="task: the task's CSV layout; lines: one text (or pair) per line, no header; auto: task if "
+                        "the first line is exactly that header, lines if it is a plain input, else an error")
     g.add_argument("--skip_bad_rows", action="store_true",
                    help="in a task-layout --input, skip malformed rows (counted and reported) instead of stopping")
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=FORMATS, default=None,
                    help="text (readable lines), csv or jsonl (one JSON object per line); default: text for TEXT "
                         "arguments, csv for --input")
-    g.add_argument("--output", metavar="FILE", default=None, help="write here (atomically) instead of stdout")
+    g.add_argument("--output", metavar="FILE", default=None,
+                   help="write here (atomically) instead of stdout; never over --input or into a checkpoint or run "
+                        "folder")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     return p
 
 
@@ -86,63 +95,11 @@ def check_predict_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         p.error(f"--task {args.task} takes two texts (one pair), got {len(args.texts)}; "
                 "for several pairs use --input FILE (a tab-separated pair per line)")
     for i, text in enumerate(args.texts, start=1):
-        if not text.strip():
-            p.error(f"TEXT {i} is empty")
+        problem = blank_text_problem(text)  # the rule of --input, the task readers and the Python API
+        if problem:
+            p.error(f"TEXT {i} {problem}")
     if args.format is None:
         args.format = "csv" if args.input else "text"
-
-
-def read_inputs(path: str | Path, task: str, skip_bad_rows: bool = False) -> tuple[list[str], list[tuple[str, ...]]]:
-    """(ids, inputs) of an --input file: a task file (header with id and the task's text columns), else one text
-    (or tab-separated pair) per line, whose id is its line number. Problems are DataErrors naming file and line."""
-    path = Path(path)
-    spec = TASKS[task]
-    layout = TASKS["sst"] if task == "sst2" else spec  # SST-2 is read from the SST files, every row kept
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: invalid UTF-8") from None
-    lines = [line[:-1] if line.endswith("\r") else line for line in text.removeprefix("\ufeff").split("\n")]
-    header = [h.strip() for h in lines[0].split("\t")]
-    if "id" in header and all(c in header for c in layout.text_columns):
-        data = read_task_file(layout, path, "test", skip_bad_rows)
-        if data.skipped:
-            print(f"warning: {path}: skipped {len(data.skipped)} malformed row(s): {'; '.join(data.skipped)}",
-                  file=sys.stderr)
-        return [ex.id for ex in data.examples], [ex.texts for ex in data.examples]
-    if lines and lines[-1] == "":
-        lines.pop()  # the file's final newline
-    ids, inputs, blank = [], [], 0
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            blank += 1
-            continue
-        if "\x00" in line:
-            raise DataError(f"{path}:{n}: NUL byte in the line")
-        if spec.is_pair:
-            parts = line.split("\t")
-            if len(parts) != 2:
-                raise DataError(f"{path}:{n}: expected two tab-separated texts (one {task} pair per line), found "
-                                f"{len(parts)} field(s): {shorten(line)}")
-            for side, t in zip(("first", "second"), parts):
-                if not t.strip():
-                    raise DataError(f"{path}:{n}: the {side} text of the pair is empty")
-            inputs.append((parts[0], parts[1]))
-        else:
-            inputs.append((line,))
-        ids.append(str(n))
-    if not inputs:
-        raise DataError(f"{path}: no texts to predict")
-    if blank:
-        print(f"note: {path}: {blank} blank line(s) skipped", file=sys.stderr)
-    return ids, inputs
 
 
 def predict_records(model: InferenceModel, task: str, ids: list[str], inputs: list[tuple[str, ...]]) -> list[dict]:
@@ -167,7 +124,7 @@ def predict_records(model: InferenceModel, task: str, ids: list[str], inputs: li
 
 def format_records(records: list[dict], fmt: str) -> str:
     if fmt == "jsonl":
-        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        return "".join(json_text(r, indent=None) + "\n" for r in records)  # NaN refused: jsonl is JSON
     if fmt == "csv":
         flat = []
         for r in records:
@@ -201,13 +158,19 @@ def main(argv: list[str] | None = None) -> int:
     check_predict_args(p, args)
 
     def go():
-        model = load(args.checkpoint, device=args.device, bf16=args.bf16, batch_size=args.batch_size,
-                     max_seq_length=args.max_seq_length)
+        if args.output:  # before the model is read: a refused --output costs nothing
+            check_output_path(args.output, "--output", {"--input": args.input, "--checkpoint": args.checkpoint}
+                              if args.input else {"--checkpoint": args.checkpoint}, args.overwrite)
+        try:
+            model = load(args.checkpoint, device=args.device, bf16=args.bf16, batch_size=args.batch_size,
+                         max_seq_length=args.max_seq_length)
+        except MaxSeqLengthError as e:
+            raise UsageError(f"--{e}" if str(e).startswith("max_seq_length") else str(e)) from None
         if args.task not in model.tasks:
             raise UsageError(f"--task {args.task}: the checkpoint has no {args.task} head (it has: "
                              f"{', '.join(model.tasks)})")
         if args.input:
-            ids, inputs = read_inputs(args.input, args.task, args.skip_bad_rows)
+            ids, inputs = read_inputs(args.input, args.task, args.skip_bad_rows, args.input_format)
         elif TASKS[args.task].is_pair:
             ids, inputs = ["1"], [tuple(args.texts)]
         else:

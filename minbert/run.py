@@ -27,6 +27,7 @@ from .metrics_log import MetricsLog
 from .model import BertModel
 from .multitask import MultitaskBert, MultitaskConfig, pair_encoding_of
 from .output_dir import check_output_dir, prepare_output_dir
+from .output_policy import check_run_inputs
 from .precision import resolve_bf16
 from .predict import prediction_path, write_predictions
 from .run_config import RunConfig
@@ -130,6 +131,9 @@ def run(config) -> dict[str, float]:
     device = distributed.init(resolve_device(config.device))  # torchrun: join the process group; cuda:LOCAL_RANK
     # auto -> on/off, before args.json is written
     config.bf16 = resolve_bf16(config.bf16, device, config.smart and config.smart_projection == "ball")
+    check_run_inputs(config.output_dir, {"--checkpoint": config.checkpoint if config.predict_only else None,
+                                         "--model_name_or_path": None if config.predict_only else config.model_name_or_path},
+                     config.overwrite_output_dir)
     resume_from = distributed.on_main(check_output_dir, config)  # a taken --output_dir is refused before any work
     set_seed(config.seed)
     source = config.checkpoint if config.predict_only else config.model_name_or_path

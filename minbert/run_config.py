@@ -32,9 +32,7 @@ PARA_HEADS = ("uv", "sbert")
 OPTIMIZER_NAMES = ("adamw", "mfac")
 REPORT_TO = ("none", "tensorboard")
 
-# A sentence pair is encoded as [CLS] a [SEP] b [SEP]: five tokens leave room for one token of each sentence.
-# Below that the tokenizer drops a whole sentence (or, below 2, its truncation silently switches off).
-MIN_SEQ_LENGTH = 5
+from .tokenizer import MIN_SEQ_LENGTH, seq_length_problem  # noqa: E402,F401 (the one max_seq_length rule)
 SEED_RANGE = (0, 2**32 - 1)  # numpy's global generator takes 32-bit seeds
 
 # Numeric ranges, inclusive: (low, high), None for no bound. Every float must also be finite.
@@ -280,15 +278,13 @@ class RunConfig:
         n = self.max_seq_length
         if n is None:
             return
-        if n < MIN_SEQ_LENGTH:
-            self.fail("max_seq_length", f"must be >= {MIN_SEQ_LENGTH} (a sentence pair needs [CLS] a [SEP] b [SEP]), "
-                                        f"got {n}")
         try:
             limit = self.model_config().max_position_embeddings
         except (ValueError, TypeError):  # a missing or broken config.json is a file error, which run() reports
-            return                       # (naming the file) when it reads the model, before writing anything
-        if n > limit:
-            self.fail("max_seq_length", f"must be <= {limit}, the model's max_position_embeddings, got {n}")
+            limit = None                 # (naming the file) when it reads the model, before writing anything
+        problem = seq_length_problem(n, limit)
+        if problem:
+            self.fail("max_seq_length", problem)
 
     def _check_optim_args(self) -> None:
         from .optim.build import check_optim_args

@@ -50,6 +50,21 @@ def load_tokenizer(name_or_path: str | Path, max_seq_length: int | None = None) 
 
 # [CLS] a [SEP] b [SEP]: the pair needs this many tokens of its own to keep at least one of each sentence.
 PAIR_SPECIAL_TOKENS = 3
+# Five tokens leave room for one token of each sentence of a pair; below that the tokenizer drops a whole
+# sentence (or, below 2, its truncation silently switches off).
+MIN_SEQ_LENGTH = PAIR_SPECIAL_TOKENS + 2
+
+
+def seq_length_problem(n, max_positions: int | None) -> str | None:
+    """What is wrong with ``n`` as a max_seq_length for a model of ``max_positions`` position embeddings (None:
+    not known yet), or None. The one rule for training (--max_seq_length), minbert-predict and minbert.load."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        return f"must be an integer, got {n!r}"
+    if n < MIN_SEQ_LENGTH:
+        return f"must be >= {MIN_SEQ_LENGTH} (a sentence pair needs [CLS] a [SEP] b [SEP]), got {n}"
+    if max_positions is not None and n > max_positions:
+        return f"must be <= {max_positions}, the model's max_position_embeddings, got {n}"
+    return None
 
 
 def has_pair_template(tok: Tokenizer) -> bool:

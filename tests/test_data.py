@@ -80,7 +80,7 @@ HEADER = "\tid\tsentence\tsentiment\n"
     ("0\ta\tgood\n", r":2: expected 4 tab-separated fields, found 3"),
     ("0\ta\tgood\tx\n", r":2: label 'x' is not a number"),
     ("0\ta\tgood\t1\n1\ta\tbad\t0\n", r":3: duplicate id 'a' \(first on line 2\)"),
-    ("0\ta\t \t1\n", r":2: empty sentence"),
+    ("0\ta\t \t1\n", r":2: sentence is empty"),
 ])
 def test_malformed_rows_name_file_and_line(tmp_path, body, problem):
     p = _write(tmp_path, "sst.csv", HEADER + body)

@@ -93,17 +93,20 @@ def test_one_text_or_pair_per_line(run_dir, api, tmp_path, capsys):
     np.testing.assert_allclose([float(r["similarity"]) for r in rows], expected, atol=1e-4)
     assert err == f"note: {pairs}: 1 blank line(s) skipped\n"
     lines = tmp_path / "lines.txt"
-    lines.write_text("first, with a comma\tand a tab\n\"quoted\"\n")
+    lines.write_text("first, with a comma\n\"quoted\"\n")
     code, out, _ = predict(["--checkpoint", str(run_dir), "--task", "sst", "--input", str(lines)], capsys)
-    assert code == 0 and [r["sentence"] for r in csv.DictReader(io.StringIO(out))] == ["first, with a comma\tand a tab",
+    assert code == 0 and [r["sentence"] for r in csv.DictReader(io.StringIO(out))] == ["first, with a comma",
                                                                                         '"quoted"']
+    lines.write_text("first\tand a tab\n")  # a TSV row is never scored as one sentence
+    code, out, err = predict(["--checkpoint", str(run_dir), "--task", "sst", "--input", str(lines)], capsys)
+    assert code == 1 and out == "" and "header 'first \\t and a tab' found, expected the header 'id \\t sentence'" in err
 
 
 @pytest.mark.parametrize("content,message", [
     ("a\tb\nonly one\n", "{f}:2: expected two tab-separated texts (one qqp pair per line), found 1 field(s): 'only one'"),
     ("a\t \n", "{f}:1: the second text of the pair is empty"),
     ("\n\n", "{f}: no texts to predict"),
-    (b"a\tb\n\xff\tc\n", "{f}:2: invalid UTF-8"),
+    (b"a\tb\n\xff\tc\n", "{f}:2: invalid UTF-8 (byte 0xff)"),
     ("id\tsentence1\tsentence2\n1\tx\n", "{f}:2: expected 3 tab-separated fields, found 2 (use --skip_bad_rows to "
                                           "skip such rows)"),
 ])
