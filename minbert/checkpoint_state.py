@@ -140,7 +140,7 @@ class DamagedCheckpoint(ValueError):
 def read_trainer_state(path: Path) -> dict:
     """trainer_state.json, checked key by key."""
     try:
-        state = read_json_file(path)  # a FIFO or other non-regular file is refused, not waited on
+        state = read_json_file(path, finite=False)  # a FIFO or other non-regular file is refused, not waited on
     except (OSError, ValueError) as e:
         raise DamagedCheckpoint(path, f"cannot read: {first_line(e)}") from None
     if not isinstance(state, dict):

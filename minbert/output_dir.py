@@ -13,7 +13,7 @@ RUN_OUTPUTS = ("args.json", "metrics.jsonl", "results.json", "last", "best", "pr
 # Flags that may differ between a run and its --resume (they do not change the trained weights).
 RESUME_MAY_CHANGE = {"resume", "overwrite_output_dir", "output_dir", "save_steps", "logging_steps", "device",
                      "per_device_eval_batch_size", "max_bad_steps", "report_to", "config",
-                     "skip_test_predictions"}
+                     "skip_test_predictions", "trust_combiner_code"}
 
 
 def settings(config) -> dict:
