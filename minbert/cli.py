@@ -355,7 +355,9 @@ def train_main(argv: list[str] | None = None) -> int:
 def evaluate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evaluate.py", description="Score CS224N prediction files against the gold labels. "
                                 "STS Pearson r of constant predictions is undefined: it is counted as r = 0, with a "
-                                "warning naming the file.",
+                                "warning naming the file. The overall score (the leaderboard's (SST + QQP + (r + 1) / "
+                                "2) / 3) is printed only when SST, QQP and STS are all scored; with fewer tasks there "
+                                "is no overall, in the table, --json, --ci or --compare.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--predictions", required=True,
@@ -368,7 +370,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("uncertainty (minbert/significance.py)")
     g.add_argument("--ci", action="store_true",
                    help="add a 95%% bootstrap confidence interval to every dev score (each task's dev examples "
-                        "resampled, fixed seed, 2000 resamples)")
+                        "resampled, fixed seed, 2000 resamples); a task needs 2 dev rows at least, and below 30 "
+                        "(significance.MIN_RELIABLE) a warning says its interval is unreliable")
     g.add_argument("--compare", metavar="B", default=None,
                    help="a second prediction folder over the same dev examples: the paired difference "
                         "PREDICTIONS - B of every dev score, its 95%% paired-bootstrap interval and p-value")
@@ -394,6 +397,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
             if not dev:
                 raise ValueError(f"--{'ci' if args.ci else 'compare'}: {args.predictions} has no dev predictions "
                                  "with gold labels")
+            for message in sig.check_sample_sizes(dev, "--ci" if args.ci else "--compare"):
+                print(f"warning: {message}", file=sys.stderr)
             if args.ci:
                 extra["dev_ci"] = sig.confidence_intervals(dev)
             if args.compare:
