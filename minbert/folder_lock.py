@@ -3,8 +3,8 @@
 Training (``--output_dir``), the experiments runner (its table folder) and export (a lock file beside ``--out``,
 since export builds its folder elsewhere and renames it into place) take it. A second process on the same folder
 gets one line naming the folder and the holder's process id, instead of racing on its temporary files. The lock
-is the kernel's: a killed holder releases it at once, so a stale lock file never blocks a re-run. Checks that a
-folder holds only the package's files ignore LOCK_NAME.
+is the kernel's: a killed holder releases it at once, so a lock file left by a killed run never blocks a re-run
+(a finished run removes it). Checks that a folder holds only the package's files ignore LOCK_NAME.
 """
 from __future__ import annotations
 
@@ -65,15 +65,16 @@ def locked_file(lock: Path, what: str, remove: bool = False) -> Iterator[None]:
 
 @contextlib.contextmanager
 def folder_lock(folder: str | Path, flag: str = "--output_dir") -> Iterator[None]:
-    """Hold ``FOLDER/.minbert.lock`` for the block. The folder is created if needed; if this call created it and
-    the block leaves nothing else in it (a run refused before its first write), it is removed again."""
+    """Hold ``FOLDER/.minbert.lock`` for the block; the lock file is removed at the end. The folder is created if
+    needed; if this call created it and the block leaves nothing in it (a run refused before its first write), it is
+    removed again."""
     folder = Path(folder)
     created = not folder.exists()
     lock = folder / LOCK_NAME
-    with locked_file(lock, f"{flag} {folder}", remove=False):
+    with locked_file(lock, f"{flag} {folder}", remove=True):  # the folder is left as the run found it
         try:
             yield
-        finally:  # still holding the lock: a process waiting on this file sees it gone and starts over
+        finally:  # still holding the lock: a process that opened the file meanwhile sees it gone and starts over
             if created and folder.is_dir() and [p.name for p in folder.iterdir()] in ([], [LOCK_NAME]):
                 with contextlib.suppress(OSError):
                     lock.unlink()

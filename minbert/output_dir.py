@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 from .data import TASKS
-from .folder_lock import LOCK_NAME
 from .io import TEMP_SUFFIX, published_dir, read_json_file, remove_stale_temps
 
 # What a run writes in --output_dir (--overwrite_output_dir removes these, and nothing else, before starting).
@@ -99,22 +98,23 @@ def _ours(folder: str, name: str) -> bool:
     return name in CHECKPOINT_FILES
 
 
+RUN_FOLDERS = ("last", "best", "predictions", "tensorboard")  # the RUN_OUTPUTS that are folders
+
+
 def foreign_file(out: Path) -> Path | None:
-    """The first file or folder in ``out`` that a run did not write (None if there is none): what
-    --overwrite_output_dir must not delete, e.g. a user's notes in predictions/ or best/."""
+    """The first file or folder that --overwrite_output_dir would delete but a run did not write (None if there is
+    none): a user's notes in predictions/ or best/, a file where a run writes a folder, a folder of another program
+    named like one of ours. Other entries of ``out`` (notes beside the run) are never deleted, so not checked."""
     if not out.is_dir():
         return None
-    outputs = {v for name in RUN_OUTPUTS for v in (name, f"{name}.old", f"{name}.partial")}
-    for entry in sorted(out.iterdir()):
-        name = entry.name
-        if name == LOCK_NAME or (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
-            continue
-        if name not in outputs:
-            return entry
-        if entry.is_dir() and not entry.is_symlink():
-            folder = name.split(".")[0]
+    for name in RUN_FOLDERS:
+        for entry in (out / name, out / f"{name}.old", out / f"{name}.partial"):
+            if not (entry.exists() or entry.is_symlink()):
+                continue
+            if entry.is_symlink() or not entry.is_dir():
+                return entry
             for inner in sorted(entry.iterdir()):
-                if inner.is_dir() or not _ours(folder, inner.name):
+                if inner.is_dir() or not _ours(name, inner.name):
                     return inner
     return None
 

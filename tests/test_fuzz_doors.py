@@ -202,4 +202,4 @@ def test_a_step_that_misbehaves_is_one_line_and_the_same_command_starts_again(co
     (out / "notes.txt").write_text("mine")
     assert train_main(argv) == 1  # the same command again: the same error, not "holds an unfinished run"
     assert said in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == [".minbert.lock", "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

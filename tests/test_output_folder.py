@@ -95,8 +95,8 @@ def test_config_combiner_is_never_imported(tmp_path, small_data, capsys):
 
 
 # ------------------------------------------------------------------------------------------ --overwrite_output_dir
-FOREIGN = [("notes.txt",), ("predictions", "my-notes.md"), ("best", "README"), ("last", "extra.bin"),
-           ("tensorboard", "notes"), ("data",), ("predictions", "sub", "x"), ("best.bak",)]
+FOREIGN = [("predictions", "my-notes.md"), ("best", "README"), ("last", "extra.bin"), ("tensorboard", "notes"),
+           ("predictions", "sub", "x"), ("best", "model.safetensors.bak"), ("last.old", "x.txt")]
 
 
 @pytest.mark.parametrize("case", range(12))
@@ -111,7 +111,7 @@ def test_overwrite_refuses_a_folder_with_foreign_files(tmp_path, case):
     config = Namespace(output_dir=str(out), overwrite_output_dir=True, resume=False, checkpoint=None)
     with pytest.raises(ValueError) as e:
         prepare_output_dir(config)
-    assert "minbert did not write" in str(e.value) and str(out / parts[0]) in str(e.value)
+    assert "minbert did not write" in str(e.value) and str(out / parts[0] / parts[1]) in str(e.value)
     assert path.exists() and (out / "results.json").exists()  # nothing deleted
 
 
@@ -120,10 +120,16 @@ def test_overwrite_deletes_only_the_runs_files(tmp_path):
     _finished_run(out)
     (out / LOCK_NAME).write_text("")
     (out / ".results.json.abc.tmp").write_text("")  # a killed writer's temporary file
+    (out / "notes.txt").write_text("mine")  # beside the run: kept, never deleted
+    (out / "predictions" / ".sst-dev-output.csv.x.tmp").write_text("")
     assert foreign_file(out) is None
     config = Namespace(output_dir=str(out), overwrite_output_dir=True, resume=False, checkpoint=None)
     prepare_output_dir(config)
-    assert [p.name for p in out.iterdir()] in ([LOCK_NAME], [LOCK_NAME, "predictions"], ["predictions", LOCK_NAME])
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "notes.txt", "predictions"]
+    assert not any((out / "predictions").iterdir())
+    (out / "best").write_text("a file where a run writes a folder")
+    with pytest.raises(ValueError, match="best, which minbert did not write"):
+        prepare_output_dir(config)
 
 
 # ------------------------------------------------------------------------------------------ failed starts
@@ -163,6 +169,7 @@ def test_a_second_process_on_the_same_folder_gets_one_line_with_the_pid(tmp_path
         holder.wait()
     with folder_lock(out):  # a killed holder released it: no stale lock
         pass
+    assert not out.exists()  # and the folder, created by the holder and left empty, is removed by the next one
 
 
 def test_the_lock_is_exclusive_in_one_process_and_removes_a_folder_it_created(tmp_path):
@@ -173,6 +180,11 @@ def test_the_lock_is_exclusive_in_one_process_and_removes_a_folder_it_created(tm
             with folder_lock(out):
                 pass
     assert not out.exists()  # created for a run that wrote nothing: gone again
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("")
+    with folder_lock(out):
+        pass
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]  # the folder as it was found: no lock file left
     target = tmp_path / "export"
     with lock_beside(target):
         assert (tmp_path / f".export{LOCK_NAME}").exists() and not target.exists()
