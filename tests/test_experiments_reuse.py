@@ -128,6 +128,6 @@ def test_runner_flag_mistakes_are_its_own_and_create_nothing(tmp_path, small_dat
 
 def test_a_row_the_training_checks_refuse_is_named_before_anything_is_created(tmp_path, small_data):
     argv = row_argv(SMOKE[0], "smoke", str(small_data), tmp_path / "paper", "cpu", None, "off") + ["--seed", "-5"]
-    with pytest.raises(RunnerError, match="^baseline: --seed must be in"):
+    with pytest.raises(RunnerError, match=r"^baseline: --seed: must be in \[0, 4294967295\], got -5"):
         preflight([(SMOKE[0], None, argv)], overwrite=False)
     assert not (tmp_path / "paper").exists()

@@ -189,7 +189,7 @@ def test_a_step_with_the_wrong_signature_is_refused_before_training(combiner, sm
 
 @pytest.mark.parametrize("combiner,said", [("ReturnsNone", "step(ctx) returned NoneType, expected a dict"),
                                            ("CallsExit", "step(ctx) called sys.exit(3)"),
-                                           ("WrongLoss", "returned a loss for 'mnli'")])
+                                           ("WrongLoss", "step(ctx) returned a loss for 'mnli', which is not a task")])
 def test_a_step_that_misbehaves_is_one_line_and_the_same_command_starts_again(combiner, said, small_data, tmp_path,
                                                                                capsys, one_thread):
     out = tmp_path / "out"
