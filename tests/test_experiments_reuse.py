@@ -114,7 +114,7 @@ def test_damaged_results_are_one_line_errors(tmp_path, case):
     (["--seeds", "1,1"], "--seeds '1,1': 1 is listed twice"),
     (["--seeds", "one"], "--seeds 'one': expected comma-separated integers"),
     (["--rows", "baseline,"], "--rows 'baseline,': empty item (two commas in a row, or a comma at an end)"),
-    (["--rows", "nope"], "--rows: unknown row nope"),
+    (["--rows", "nope"], "--rows: unknown row 'nope'"),
 ])
 def test_runner_flag_mistakes_are_its_own_and_create_nothing(tmp_path, small_data, capsys, argv, message):
     out = tmp_path / "paper"

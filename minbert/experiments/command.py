@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     unknown = [k for k in wanted if k not in ROW_KEYS]
     if unknown:
-        p.error(f"--rows: unknown row {', '.join(unknown)} (choose from {', '.join(ROW_KEYS)})")
+        p.error(f"--rows: unknown row {', '.join(map(repr, unknown))} (choose from {', '.join(ROW_KEYS)})")
     if not Path(args.data_dir).is_dir():
         p.error(f"--data_dir {args.data_dir}: no such directory")
     seeds = parse_seeds(p, args.seeds)
