@@ -1,7 +1,7 @@
 """Uncertainty weighting (Kendall, Gal & Cipolla 2018, "Multi-Task Learning Using Uncertainty to Weigh Losses for
 Scene Geometry and Semantics", §3) as a minbert combiner, plugged in without editing the package:
 
-    python train_multitask.py --combiner examples/uncertainty_weighting.py:UncertaintyWeighting \
+    python train_multitask.py --combiner examples/uncertainty_weighting.py:UncertaintyWeighting --trust_combiner_code \
         --combiner_args '{"lr": 0.01}' --skip_bad_rows --output_dir runs/uncertainty
 
 Each task t has a learned log-variance s_t = log sigma_t^2, and a step minimizes sum_t exp(-s_t) L_t + s_t (eq. 7

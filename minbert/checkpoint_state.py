@@ -140,7 +140,7 @@ class DamagedCheckpoint(ValueError):
 def read_trainer_state(path: Path) -> dict:
     """trainer_state.json, checked key by key."""
     try:
-        state = read_json_file(path)  # a FIFO or other non-regular file is refused, not waited on
+        state = read_json_file(path, finite=False)  # a FIFO or other non-regular file is refused, not waited on
     except (OSError, ValueError) as e:
         raise DamagedCheckpoint(path, f"cannot read: {first_line(e)}") from None
     if not isinstance(state, dict):
@@ -154,6 +154,28 @@ def read_trainer_state(path: Path) -> dict:
         if state["best"] is not None and not isinstance(state["best"].get(key), types):
             raise DamagedCheckpoint(path, f"best.{key}: unexpected value {state['best'].get(key)!r}")
     return state
+
+
+def check_positions(state: dict, path: Path) -> None:
+    """The loop's position and counters must be ones a run can reach: 0 <= global_step <= total_steps (of
+    steps_per_epoch > 0), epochs_done = global_step // steps_per_epoch, at most global_step skipped steps, and a best
+    epoch that ended (a multiple of steps_per_epoch) at or before global_step."""
+    spe, total, step = state["steps_per_epoch"], state["total_steps"], state["global_step"]
+    if spe < 1 or total < spe or total % spe:
+        raise DamagedCheckpoint(path, f"impossible schedule: {spe} steps/epoch, {total} steps in all")
+    if not 0 <= step <= total:
+        raise DamagedCheckpoint(path, f"global_step {step} is outside 0..{total} (total_steps)")
+    if "epochs_done" in state and state["epochs_done"] != step // spe:
+        raise DamagedCheckpoint(path, f"epochs_done {state['epochs_done']!r} does not match global_step {step} "
+                                      f"({step // spe} epochs of {spe} steps)")
+    if not 0 <= state["bad_in_a_row"] <= state["bad_steps"] <= step:
+        raise DamagedCheckpoint(path, f"bad_steps {state['bad_steps']} / bad_in_a_row {state['bad_in_a_row']} "
+                                      f"impossible after {step} steps")
+    best = state["best"]
+    if best is not None and not (0 < best["step"] <= step and best["step"] % spe == 0
+                                 and best["epoch"] == best["step"] // spe):
+        raise DamagedCheckpoint(path, f"best epoch {best['epoch']} at step {best['step']} impossible at global_step "
+                                      f"{step} ({spe} steps/epoch)")
 
 
 def read_weights(path: Path, model: torch.nn.Module, device) -> dict[str, torch.Tensor]:
@@ -195,6 +217,7 @@ def restore(trainer, directory: Path) -> None:
         raise ValueError(f"--resume: {directory} has {state['steps_per_epoch']} steps/epoch and "
                          f"{state['total_steps']} in all, this run {t.steps_per_epoch} and {t.total_steps}; "
                          "resume with the same data and flags")
+    check_positions(state, directory / "trainer_state.json")
     model_state = read_weights(directory / "model.safetensors", t.model, t.device)
     optim_state = _torch_load(directory / "optimizer.pt")
     if not isinstance(optim_state, dict) or "param_groups" not in optim_state:

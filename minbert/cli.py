@@ -12,8 +12,9 @@ import os
 import sys
 
 from .config import PRESETS
+from .config_file import settable_values
 from .data import DEFAULT_TASKS, TASKS
-from .io import read_json_file
+from .io import comma_list, read_json_file
 from .metrics import format_scores  # noqa: F401  (re-exported: it lived here)
 from .run_config import MIN_SEQ_LENGTH, OPTIMIZER_NAMES, PARA_HEADS, POOLINGS, REPORT_TO, ConfigError, RunConfig
 
@@ -49,11 +50,14 @@ def _nonneg_float(text: str) -> float:
 
 
 def _tasks(text: str) -> list[str]:
-    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        tasks = comma_list(text, "task list")  # the one rule of list flags: no empty or repeated item
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     bad = [t for t in tasks if t not in TASKS]
-    if bad or not tasks:
-        raise argparse.ArgumentTypeError(f"unknown task {', '.join(bad) or text!r} (choose from {', '.join(TASKS)})")
-    return list(dict.fromkeys(tasks))
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown task {', '.join(bad)!r} (choose from {', '.join(TASKS)})")
+    return tasks
 
 
 def _pair_encoding(text: str) -> str:
@@ -179,6 +183,9 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--bregman_mu", type=_nonneg_float, default=BREGMAN_MU, help="Bregman proximal point: weight mu")
     g.add_argument("--bregman_beta", type=_nonneg_float, default=BREGMAN_BETA,
                    help="Bregman proximal point: EMA momentum beta (theta~ <- beta*theta~ + (1-beta)*theta after each step)")
+    g.add_argument("--trust_combiner_code", action="store_true",
+                   help="import and run the code a --combiner package.module:Class names (command line only: a "
+                        "--config file cannot set it; never with --predict_only)")
     g = p.add_argument_group("optimizer")
     g.add_argument("--optim", default="adamw", type=str.lower, choices=OPTIMIZER_NAMES,
                    help="adamw (torch, fused) or mfac (M-FAC, see docs/mfac.md); case-insensitive")
@@ -248,7 +255,8 @@ def apply_config_file(p: argparse.ArgumentParser, argv: list[str] | None) -> dic
     """``--config FILE.json``: its keys (flag names without dashes) become the parser's defaults, so flags on
     the command line still win. Each value must have its flag's JSON type and goes through its flag's own type
     and choices checks; a null is kept for RunConfig.validate (allowed where the flag's default is null). A
-    run's args.json is a valid config file (its ``config`` key, the file it was itself read from, is ignored).
+    run's args.json is a valid config file; minbert.config_file decides which of its keys are used (not
+    ``overwrite_output_dir``, ``resume``, ``trust_combiner_code``, ``config``).
     Returns {key: FILE} for the keys the file set and the command line did not."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
@@ -260,16 +268,18 @@ def apply_config_file(p: argparse.ArgumentParser, argv: list[str] | None) -> dic
         p.exit(2, f"error: {msg}\n")
 
     try:
-        values = read_json_file(path)  # a FIFO or directory is refused at once, not waited on
+        values = read_json_file(path, finite=False)  # a NaN is named with its key below; a FIFO is refused at once
     except ValueError as e:  # DataError: one line naming the file (and line)
         fail(f"--config {e}")
     if not isinstance(values, dict):
         fail(f"--config {path}: expected a JSON object of flag names and values")
     actions = {a.dest: a for a in p._actions if a.option_strings and a.dest not in ("help", "config")}
     defaults = {}
+    try:
+        values = settable_values(values, path)  # overwrite_output_dir, resume...: the command line's only
+    except ValueError as e:
+        fail(str(e))
     for key, value in values.items():
-        if key == "config":
-            continue
         action = actions.get(key)
         if action is None:
             fail(f"{path}: unknown key {key!r} (not a flag of {p.prog})")
@@ -345,7 +355,9 @@ def train_main(argv: list[str] | None = None) -> int:
 def evaluate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evaluate.py", description="Score CS224N prediction files against the gold labels. "
                                 "STS Pearson r of constant predictions is undefined: it is counted as r = 0, with a "
-                                "warning naming the file.",
+                                "warning naming the file. The overall score (the leaderboard's (SST + QQP + (r + 1) / "
+                                "2) / 3) is printed only when SST, QQP and STS are all scored; with fewer tasks there "
+                                "is no overall, in the table, --json, --ci or --compare.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--predictions", required=True,
@@ -358,7 +370,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("uncertainty (minbert/significance.py)")
     g.add_argument("--ci", action="store_true",
                    help="add a 95%% bootstrap confidence interval to every dev score (each task's dev examples "
-                        "resampled, fixed seed, 2000 resamples)")
+                        "resampled, fixed seed, 2000 resamples); a task needs 2 dev rows at least, and below 30 "
+                        "(significance.MIN_RELIABLE) a warning says its interval is unreliable")
     g.add_argument("--compare", metavar="B", default=None,
                    help="a second prediction folder over the same dev examples: the paired difference "
                         "PREDICTIONS - B of every dev score, its 95%% paired-bootstrap interval and p-value")
@@ -384,6 +397,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
             if not dev:
                 raise ValueError(f"--{'ci' if args.ci else 'compare'}: {args.predictions} has no dev predictions "
                                  "with gold labels")
+            for message in sig.check_sample_sizes(dev, "--ci" if args.ci else "--compare"):
+                print(f"warning: {message}", file=sys.stderr)
             if args.ci:
                 extra["dev_ci"] = sig.confidence_intervals(dev)
             if args.compare:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,7 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .io import first_line
+from .io import first_line, parse_json
 
 
 @dataclass
@@ -227,10 +226,7 @@ def parse_combiner_args(options: dict | str | None) -> dict:
     if options is None or options == "":
         return {}
     if isinstance(options, str):
-        try:
-            options = json.loads(options)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--combiner_args: not valid JSON: {e}") from None
+        options = parse_json(options, "--combiner_args")  # strict: no duplicate keys, nothing after the object
     if not isinstance(options, dict):
         raise ValueError(f"--combiner_args: expected a JSON object of keyword options, like {{\"lr\": 0.01}}, "
                          f"got {type(options).__name__}")

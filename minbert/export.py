@@ -136,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     args = export_parser().parse_args(argv)
 
     def go():
-        out = export_checkpoint(args.checkpoint, args.out, args.overwrite)
+        from .folder_lock import lock_beside
+
+        with lock_beside(args.out):  # one export per --out (a lock file beside it: the folder is replaced whole)
+            out = export_checkpoint(args.checkpoint, args.out, args.overwrite)
         print(f"exported the encoder to {out} ({', '.join(HF_FILES)}); heads in {', '.join(HEAD_FILES)}")
 
     return _run_user_command(go)

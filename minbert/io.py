@@ -127,15 +127,10 @@ def read_text_file(path: str | Path) -> str:
     return text[1:] if text.startswith(BOM) else text
 
 
-def read_json_file(path: str | Path):
-    """A JSON file's value; a syntax error is a DataError naming the file and line."""
-    text = read_text_file(path)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-    except RecursionError:
-        raise DataError(f"{path}: invalid JSON: nested too deeply") from None
+def read_json_file(path: str | Path, finite: bool = True):
+    """A JSON file's value, read by :func:`parse_json` (strict); a problem is a DataError naming the file and
+    line."""
+    return parse_json(read_text_file(path), str(path), lines=True, finite=finite)
 
 
 def load_safetensors(path: str | Path, device: str = "cpu") -> dict:
@@ -368,3 +363,52 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The one reading of JSON and list text that users write (files and flags)
+
+
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:  # json.loads would keep the last one in silence
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON (numbers must be finite)")
+
+
+def parse_json(text: str, where: str, lines: bool = False, finite: bool = True):
+    """The JSON value of ``text``, read strictly: a syntax error, trailing text after the value, a duplicate key in
+    an object or (``finite``) a NaN/Infinity constant is a DataError ``where[:line]: invalid JSON: ...``. Every JSON a user writes
+    (a --config file, --combiner_args, --optim_args, a run's args.json or results.json) is read here. ``lines``:
+    name the line of the problem (a file), else the column (a flag). ``finite=False`` lets NaN through (files the
+    package writes itself with them, e.g. the losses of skipped steps in trainer_state.json)."""
+    try:
+        return json.loads(text, object_pairs_hook=_refuse_duplicates,
+                          parse_constant=_refuse_constant if finite else None)
+    except json.JSONDecodeError as e:
+        at = f"{where}:{e.lineno}" if lines else f"{where} (column {e.colno})"
+        raise DataError(f"{at}: invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise DataError(f"{where}: invalid JSON: nested too deeply") from None
+    except ValueError as e:  # _refuse_duplicates / _refuse_constant
+        raise DataError(f"{where}: invalid JSON: {e}") from None
+
+
+def comma_list(text: str, where: str) -> list[str]:
+    """The items of a comma-separated list flag (``--tasks sst,qqp``, ``--rows``, ``--seeds``), stripped: an empty
+    list, an empty item (``a,,b``, a trailing comma) or an item given twice is a ValueError naming ``where``."""
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip():
+        raise ValueError(f"{where}: empty list")
+    if "" in items:
+        raise ValueError(f"{where} {text!r}: empty item (two commas in a row, or a comma at an end)")
+    twice = next((item for k, item in enumerate(items) if item in items[:k]), None)
+    if twice is not None:
+        raise ValueError(f"{where} {text!r}: {twice} is listed twice")
+    return items

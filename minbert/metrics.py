@@ -41,6 +41,18 @@ def overall_score(scores: dict[str, float]) -> float:
     return sum(parts) / len(parts) if parts else math.nan
 
 
+LEADERBOARD_TASKS = ("sst", "qqp", "sts")
+
+
+def with_overall(scores: dict[str, float]) -> dict[str, float]:
+    """``scores`` with the CS224N leaderboard's "overall" added only when SST, QQP and STS are all scored: over
+    fewer tasks it would be another number under the leaderboard's name (evaluate.py then prints none)."""
+    out = {k: v for k, v in scores.items() if k != "overall"}
+    if all(t in out for t in LEADERBOARD_TASKS):
+        out["overall"] = overall_score({t: out[t] for t in LEADERBOARD_TASKS})
+    return out
+
+
 def format_scores(results: dict[str, dict[str, float]]) -> str:
     """A Markdown table: one row per split, columns SST / QQP / STS / overall (training and evaluate.py print it)."""
     cols = [("sst", "SST acc"), ("qqp", "QQP acc"), ("sts", "STS r"), ("overall", "overall")]

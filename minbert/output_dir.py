@@ -6,14 +6,15 @@ import json
 import shutil
 from pathlib import Path
 
-from .io import published_dir, read_json_file, remove_stale_temps
+from .data import TASKS
+from .io import TEMP_SUFFIX, published_dir, read_json_file, remove_stale_temps
 
 # What a run writes in --output_dir (--overwrite_output_dir removes these, and nothing else, before starting).
 RUN_OUTPUTS = ("args.json", "metrics.jsonl", "results.json", "last", "best", "predictions", "tensorboard")
 # Flags that may differ between a run and its --resume (they do not change the trained weights).
 RESUME_MAY_CHANGE = {"resume", "overwrite_output_dir", "output_dir", "save_steps", "logging_steps", "device",
                      "per_device_eval_batch_size", "max_bad_steps", "report_to", "config",
-                     "skip_test_predictions"}
+                     "skip_test_predictions", "trust_combiner_code"}
 
 
 def settings(config) -> dict:
@@ -46,6 +47,10 @@ def check_output_dir(config) -> Path | None:
             check_same_settings(config, out / "args.json")
         return last
     if config.overwrite_output_dir:
+        foreign = foreign_file(out)
+        if foreign is not None:
+            raise ValueError(f"--overwrite_output_dir: {out} holds {foreign}, which minbert did not write; move it "
+                             "away or choose another --output_dir (only a run's own files are replaced)")
         return None
     if (out / "results.json").is_file():
         raise ValueError(f"--output_dir {out} holds a finished run; pass --overwrite_output_dir to replace it")
@@ -55,17 +60,84 @@ def check_output_dir(config) -> Path | None:
     return None
 
 
+def setting_differences(saved: dict, config) -> list[str]:
+    """The flags that change the trained weights (all but RESUME_MAY_CHANGE) whose value in a run's recorded
+    settings ``saved`` (its args.json) differs from ``config``'s, as ``--key SAVED (now NOW)``. Flags absent from
+    ``saved`` came with a newer minbert (their defaults cannot have been used) and are skipped."""
+    now = json.loads(json.dumps(settings(config), default=str))
+    return [f"--{k} {saved[k]} (now {now[k]})" for k in now
+            if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+
+
 def check_same_settings(config, saved_args: Path) -> None:
     """--resume: the flags that change the trained weights must be those in the run's args.json."""
     saved = read_json(saved_args)
     if not isinstance(saved, dict):
         raise ValueError(f"--resume: cannot read {saved_args}; start over with --overwrite_output_dir")
-    now = json.loads(json.dumps(settings(config), default=str))
-    # Flags absent from the saved file came with a newer minbert; their defaults cannot have been used.
-    diffs = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    diffs = setting_differences(saved, config)
     if diffs:
-        shown = ", ".join(f"--{k} {saved[k]} (now {now[k]})" for k in diffs[:3])
+        shown = ", ".join(diffs[:3])
         raise ValueError(f"--resume: {saved_args} was written with other settings: {shown}; resume with the same flags")
+
+
+# What the package writes inside the folders of RUN_OUTPUTS (checked before --overwrite_output_dir deletes them).
+CHECKPOINT_FILES = {"model.safetensors", "config.json", "multitask.json", "tokenizer.json", "best.json",
+                    "optimizer.pt", "training_state.pt", "trainer_state.json"}
+
+
+def _ours(folder: str, name: str) -> bool:
+    """Whether a file ``name`` inside the run's ``folder`` (predictions, best, last, tensorboard) is one minbert
+    writes (or a temporary file of its atomic writer)."""
+    if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+        return True
+    if folder == "predictions":
+        return any(name in (f"{spec.output_prefix}-dev-output.csv", f"{spec.output_prefix}-test-output.csv")
+                   for spec in TASKS.values())
+    if folder == "tensorboard":
+        return name.startswith("events.out.tfevents.")
+    return name in CHECKPOINT_FILES
+
+
+RUN_FOLDERS = ("last", "best", "predictions", "tensorboard")  # the RUN_OUTPUTS that are folders
+
+
+def foreign_file(out: Path) -> Path | None:
+    """The first file or folder that --overwrite_output_dir would delete but a run did not write (None if there is
+    none): a user's notes in predictions/ or best/, a file where a run writes a folder, a folder of another program
+    named like one of ours. Other entries of ``out`` (notes beside the run) are never deleted, so not checked."""
+    if not out.is_dir():
+        return None
+    for name in RUN_FOLDERS:
+        for entry in (out / name, out / f"{name}.old", out / f"{name}.partial"):
+            if not (entry.exists() or entry.is_symlink()):
+                continue
+            if entry.is_symlink() or not entry.is_dir():
+                return entry
+            for inner in sorted(entry.iterdir()):
+                if inner.is_dir() or not _ours(name, inner.name):
+                    return inner
+    return None
+
+
+def clean_failed_start(config) -> None:
+    """A run that failed before its first checkpoint (no last/, no results.json) removes what it wrote, so that the
+    same command can start again; a later failure keeps last/ for --resume."""
+    out = Path(config.output_dir)
+    if published_dir(out / "last") is not None or (out / "results.json").exists():
+        return
+    _remove_outputs(out, config)
+
+
+def _remove_outputs(out: Path, config) -> None:
+    keep = Path(config.checkpoint).resolve() if getattr(config, "checkpoint", None) else None  # --predict_only's
+    for name in RUN_OUTPUTS:
+        for path in (out / name, out / f"{name}.old", out / f"{name}.partial"):
+            if keep is not None and (path.resolve() == keep or path.resolve() in keep.parents):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
 
 
 def prepare_output_dir(config) -> Path:
@@ -75,15 +147,7 @@ def prepare_output_dir(config) -> Path:
     check_output_dir(config)
     out.mkdir(parents=True, exist_ok=True)
     if config.overwrite_output_dir and not getattr(config, "resume", False):
-        keep = Path(config.checkpoint).resolve() if getattr(config, "checkpoint", None) else None  # --predict_only's
-        for name in RUN_OUTPUTS:
-            for path in (out / name, out / f"{name}.old", out / f"{name}.partial"):
-                if keep is not None and (path.resolve() == keep or path.resolve() in keep.parents):
-                    continue
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
+        _remove_outputs(out, config)  # check_output_dir made sure nothing else is there
     for directory in (out, out / "predictions"):
         remove_stale_temps(directory)
     return out

@@ -123,7 +123,8 @@ def warn(message: str) -> None:
 def score_prediction_dir(pred_dir: str | Path, data_dir: str | Path, allow_partial: bool = False,
                          skip_bad_rows: bool = False) -> dict[str, dict[str, float]]:
     """Check every prediction file present in ``pred_dir`` against its input file (every id exactly once) and
-    score it where gold labels exist. Returns {split: {task: score, "overall": ...}}.
+    score it where gold labels exist. Returns {split: {task: score, "overall": ...}}, "overall" only when SST, QQP and
+    STS are all scored (:func:`minbert.metrics.with_overall`).
 
     Nothing is scored in silence on fewer rows than the gold file has: a malformed gold row is an error, or with
     ``skip_bad_rows`` a warning that names it (its prediction, if any, is then not scored). A prediction file
@@ -131,7 +132,7 @@ def score_prediction_dir(pred_dir: str | Path, data_dir: str | Path, allow_parti
     STS Pearson r is undefined when the predictions (or the gold scores) are all equal: it is counted as r = 0,
     the score of a predictor that carries no information, with a warning naming the file."""
     from .data import load_task
-    from .metrics import is_constant, overall_score, task_score
+    from .metrics import is_constant, task_score, with_overall
 
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
@@ -175,8 +176,8 @@ def score_prediction_dir(pred_dir: str | Path, data_dir: str | Path, allow_parti
             results.setdefault(split, {})[task] = task_score(task, pred_values, gold_values)
     if not found:
         raise DataError(f"{pred_dir}: no prediction files (expected names like sst-dev-output.csv)")
-    for scores in results.values():
-        scores["overall"] = overall_score(scores)
+    for split, scores in results.items():
+        results[split] = scores = with_overall(scores)  # the leaderboard's overall: only over all three tasks
         bad = [k for k, v in scores.items() if not math.isfinite(v)]
         if bad:  # cannot happen with finite predictions; never let a NaN reach the printed JSON
             raise DataError(f"{pred_dir}: the {', '.join(bad)} score is not finite")

@@ -8,6 +8,7 @@ directory (output_dir.check_output_dir), the data files, the model, the optimize
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,7 +27,8 @@ from .metrics import format_scores, overall_score, task_score
 from .metrics_log import MetricsLog
 from .model import BertModel
 from .multitask import MultitaskBert, MultitaskConfig, pair_encoding_of
-from .output_dir import check_output_dir, prepare_output_dir
+from .folder_lock import folder_lock
+from .output_dir import check_output_dir, clean_failed_start, prepare_output_dir
 from .output_policy import check_run_inputs
 from .precision import resolve_bf16
 from .predict import prediction_path, write_predictions
@@ -134,6 +136,12 @@ def run(config) -> dict[str, float]:
     check_run_inputs(config.output_dir, {"--checkpoint": config.checkpoint if config.predict_only else None,
                                          "--model_name_or_path": None if config.predict_only else config.model_name_or_path},
                      config.overwrite_output_dir)
+    # One run per folder (minbert.folder_lock): rank 0 holds --output_dir's lock from the check to the last write.
+    with folder_lock(config.output_dir) if distributed.is_main() else contextlib.nullcontext():
+        return _run(config, device)
+
+
+def _run(config: RunConfig, device: torch.device) -> dict[str, float]:
     resume_from = distributed.on_main(check_output_dir, config)  # a taken --output_dir is refused before any work
     set_seed(config.seed)
     source = config.checkpoint if config.predict_only else config.model_name_or_path
@@ -166,6 +174,15 @@ def run(config) -> dict[str, float]:
     out = distributed.on_main(prepare_output_dir, config)
     if resume_from is None and distributed.is_main():  # a resumed run keeps the args.json it was checked against
         atomic_write_text(out / "args.json", json.dumps(config.to_dict(), indent=2, default=str) + "\n")
+    try:
+        return _train_and_predict(config, model, trainer, tensors, out, resume_from, device, pad_id, t_start)
+    except Exception:  # before its first checkpoint, a failed run leaves the folder so that the command can start again
+        if distributed.is_main():
+            clean_failed_start(config)
+        raise
+
+
+def _train_and_predict(config, model, trainer, tensors, out, resume_from, device, pad_id, t_start) -> dict[str, float]:
     metrics = MetricsLog(out / "metrics.jsonl", report_to=config.report_to, enabled=distributed.is_main())
     try:
         if trainer is not None:

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from .combiners import build_combiner
+from .combiners import COMBINERS, build_combiner
 from .config import PRESETS, BertConfig
 from .data import TASKS
 from .heads import DEFAULT_PARA_HEAD, DEFAULT_STS_HEAD, STS_HEADS, pair_head_conflict
 from .multitask import parse_pair_encoding, resolve_checkpoint
 from .precision import BF16_MODES
 from .smart import SMART_PROJECTIONS
+from .user_combiner import check_interface
 
 # Choices of the flags that take one of a few words (the parser's `choices` come from here too).
 POOLINGS = ("cls", "mean", "max")
@@ -108,6 +109,7 @@ class RunConfig:
     bregman: bool
     bregman_mu: float
     bregman_beta: float
+    trust_combiner_code: bool
     # optimizer
     optim: str
     optim_args: str | None
@@ -162,10 +164,10 @@ class RunConfig:
         self._check_ranges()
         self._check_combinations()
         self._check_pair_encoding()
-        self._check_combiner()
         self._check_paths()
         self._check_max_seq_length()
         self._check_optim_args()
+        self._check_combiner()  # last: a user's combiner is imported only by a run that passed every other check
         return self
 
     def _check_types(self) -> None:
@@ -236,9 +238,19 @@ class RunConfig:
             raise ConfigError(f"{files[0]}: {conflict}" if files else conflict, bool(files))
 
     def _check_combiner(self) -> None:
-        # a user's class (package.module:Class) is imported and built here, so a mistake stops the run at once
+        # A user's class (package.module:Class) is code: it is imported only when the command line says to trust it
+        # (a --config file cannot: minbert.config_file), never with --predict_only (which trains nothing), and
+        # then built and its step(ctx) checked here, so a mistake stops the run before any work.
+        user_code = self.combiner not in COMBINERS
+        if user_code and self.predict_only:
+            return
+        if user_code and ":" in self.combiner and not self.trust_combiner_code:
+            self.fail("combiner", "names code to import and run; pass --trust_combiner_code on the command line "
+                      "if you trust it", self.combiner)
         try:
-            build_combiner(self.combiner, self.seed, self.combiner_args)
+            combiner = build_combiner(self.combiner, self.seed, self.combiner_args)
+            if user_code:
+                check_interface(combiner, self.combiner)
         except ValueError as e:  # the message names the flag already
             key = "combiner_args" if str(e).startswith("--combiner_args") else "combiner"
             if key in self.from_file:

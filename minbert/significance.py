@@ -26,12 +26,15 @@ import numpy as np
 from scipy.stats import bootstrap
 
 from .data import TASKS, DataError, load_task, shorten
-from .metrics import overall_score, task_score
+from .metrics import LEADERBOARD_TASKS, overall_score, task_score
 from .predict import prediction_path, read_predictions
 
 N_RESAMPLES = 2000
 SEED = 0
 CONFIDENCE = 0.95
+# Below this many examples in a task the percentile bootstrap's intervals are unreliable (too few distinct
+# resamples; with 2-3 rows often of width 0): evaluate.py warns (and refuses below 2).
+MIN_RELIABLE = 30
 BATCH = 250  # resamples evaluated at once: bounds memory to BATCH x (largest dev set) indices
 
 
@@ -94,14 +97,30 @@ def _overall(tasks: list[str], scorers: list[Callable]) -> Callable[..., np.ndar
     return lambda *idx: overall_score({t: f(i) for t, f, i in zip(tasks, scorers, idx)})
 
 
+def check_sample_sizes(dev: dict[str, DevPredictions], flag: str = "--ci") -> list[str]:
+    """A bootstrap needs examples to resample: fewer than 2 in a task is an error (DataError naming the task);
+    fewer than MIN_RELIABLE gives intervals that mean little (returned as warnings, one line each)."""
+    warnings = []
+    for task, d in dev.items():
+        n = len(d.ids)
+        if n < 2:
+            raise DataError(f"{flag}: {task} dev has {n} scored example(s); a bootstrap interval needs at least 2 "
+                            f"(and {MIN_RELIABLE} to mean much)")
+        if n < MIN_RELIABLE:
+            warnings.append(f"{flag}: {task} dev has only {n} scored examples; below {MIN_RELIABLE} a bootstrap "
+                            "interval is unreliable (often too narrow, even of width 0)")
+    return warnings
+
+
 def confidence_intervals(dev: dict[str, DevPredictions]) -> dict[str, list[float]]:
-    """{task or "overall": [low, high]}: 95% percentile-bootstrap intervals of the dev scores."""
+    """{task or "overall": [low, high]}: 95% percentile-bootstrap intervals of the dev scores (call
+    :func:`check_sample_sizes` first)."""
     out = {}
     scorers = [resampled_score(t, d.pred, d.gold) for t, d in dev.items()]
     for (task, d), f in zip(dev.items(), scorers):
         ci = _bootstrap(f, [len(d.ids)]).confidence_interval
         out[task] = [float(ci.low), float(ci.high)]
-    if dev:
+    if all(t in dev for t in LEADERBOARD_TASKS):  # the leaderboard's overall only (metrics.with_overall)
         ci = _bootstrap(_overall(list(dev), scorers), [len(d.ids) for d in dev.values()]).confidence_interval
         out["overall"] = [float(ci.low), float(ci.high)]
     return out
@@ -148,6 +167,8 @@ def paired_comparison(a: dict[str, DevPredictions], b: dict[str, DevPredictions]
         score_a, score_b = task_score(task, da.pred, da.gold), task_score(task, pred_b, da.gold)
         out[task] = _paired(lambda idx, fa=fa, fb=fb: fa(idx) - fb(idx), [len(da.ids)], score_a, score_b)
     tasks = list(a)
+    if not all(t in tasks for t in LEADERBOARD_TASKS):  # no overall over fewer tasks (metrics.with_overall)
+        return out
     overall_a = _overall(tasks, [fa for fa, _ in diffs])
     overall_b = _overall(tasks, [fb for _, fb in diffs])
     point_a = overall_score({t: out[t]["a"] for t in tasks})
@@ -186,4 +207,5 @@ def format_comparison(comparison: dict[str, dict], name_a: str, name_b: str) -> 
 
 
 __all__ = ["DevPredictions", "read_dev_predictions", "confidence_intervals", "paired_comparison",
-           "check_same_examples", "format_intervals", "format_comparison", "N_RESAMPLES", "SEED"]
+           "check_same_examples", "check_sample_sizes", "format_intervals", "format_comparison", "N_RESAMPLES",
+           "SEED", "MIN_RELIABLE"]

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint_state, distributed
-from .combiners import StepContext, build_combiner
+from .combiners import COMBINERS, StepContext, build_combiner
 from .precision import resolve_bf16
 from .progress import ProgressLog
 from .data import TaskStream, TaskTensors
@@ -31,6 +31,7 @@ from .metrics_log import MetricsLog
 from .multitask import MultitaskBert
 from .optim.build import linear_schedule, optimizer_for_run
 from .tokenizer import pad_token_id
+from .user_combiner import checked_step
 
 log = logging.getLogger("minbert")
 
@@ -98,6 +99,8 @@ class Trainer:
         self.optimizer = optimizer_for_run(config, model)
         self.scheduler = linear_schedule(self.optimizer, int(config.warmup_ratio * self.total_steps), self.total_steps)
         self.combiner = build_combiner(config.combiner, config.seed, config.combiner_args)
+        self.combiner_step = self.combiner.step if config.combiner in COMBINERS else checked_step(
+            self.combiner, config.combiner, (NonFiniteError, MemoryError))  # a user's: one line if it misbehaves
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.shared_params = model.shared_parameters()
         self.bad_steps = 0  # non-finite steps skipped in total
@@ -163,7 +166,7 @@ class Trainer:
             return self.task_loss(task, batches[task], weights[task], noise.get(task))
 
         ctx = StepContext(self.tasks, task_loss, self.optimizer_step, self.shared_params, self.model, self.sync_grads)
-        losses = self.combiner.step(ctx)
+        losses = self.combiner_step(ctx)
         losses, self._stop_agreed = distributed.average_losses(losses, self.stop_requested)
         if self.smart is not None:
             self.smart.after_step(self.model)  # Bregman proximal point: move the EMA copy θ̃ toward θ

@@ -30,7 +30,8 @@ def usage_error(main, argv, capsys) -> str:
 
 @pytest.mark.parametrize("argv,message", [
     (["--tasks", "sst,foo"], "argument --tasks: unknown task 'foo' (choose from sst, qqp, sts, sst2)"),
-    (["--tasks", ","], "argument --tasks: unknown task ',' (choose from sst, qqp, sts, sst2)"),
+    (["--tasks", ","], "argument --tasks: task list ',': empty item (two commas in a row, or a comma at an end)"),
+    (["--tasks", "sst,sst"], "argument --tasks: task list 'sst,sst': sst is listed twice"),
     (["--per_device_train_batch_size", "-4"], "argument --per_device_train_batch_size: must be positive, got -4"),
     (["--per_device_train_batch_size", "0"], "argument --per_device_train_batch_size: must be positive, got 0"),
     (["--per_device_eval_batch_size", "x"], "argument --per_device_eval_batch_size: 'x' is not an integer"),

@@ -131,7 +131,7 @@ def config_cases() -> list[tuple[str, dict, str]]:
         cases.append((f"config-unknown{i}", {name: 1}, name))
     cases += [
         ("config-bregman-without-smart", {"bregman": True, "smart": False}, "bregman"),
-        ("config-resume+overwrite", {"resume": True, "overwrite_output_dir": True}, "resume"),
+        # (resume and overwrite_output_dir set to true in a config file are ignored: tests/test_output_folder.py)
         ("config-checkpoint-without-predict_only", {"checkpoint": "x"}, "checkpoint"),
         ("config-output_dir-empty", {"output_dir": ""}, "output_dir"),
         ("config-output_dir-cwd", {"output_dir": "."}, "output_dir"),

@@ -61,7 +61,7 @@ def test_without_optim_args_the_flags_set_the_groups():
     ("lr: -1", "lr: expected a finite number >= 0, got -1"),
     ("weight_decay: nan", "weight_decay: expected a finite number >= 0"),
     ("lr 1e-4", "cannot parse optim_args item 'lr 1e-4'"),
-    ("lr: 1e-4 num_grads: 4", "lr: expected a finite number >= 0, got '1e-4 num_grads: 4'"),
+    ("lr: 1e-4 num_grads: 4", "lr: cannot read the value '1e-4 num_grads: 4'"),
     ("num_grads: 4", "unknown key 'num_grads' for adamw"),
     ("betas: (0.9, 2)", "betas: expected two numbers in [0, 1)"),
     ("fused: maybe", "fused: expected true or false, got 'maybe'"),

@@ -20,7 +20,7 @@ def tiny_run_args(data_dir, out, combiner, *extra):
     return ["--model_name_or_path", "bert-tiny", "--data_dir", str(data_dir), "--output_dir", str(out),
             "--max_train_samples", "16", "--per_device_train_batch_size", "8", "--num_train_epochs", "1",
             "--max_steps_per_epoch", "2", "--max_eval_samples", "8", "--max_seq_length", "32", "--seed", "3",
-            "--combiner", combiner, *extra]
+            "--combiner", combiner, "--trust_combiner_code", *extra]
 
 
 def learned_log_variances(out) -> torch.Tensor:
@@ -81,8 +81,8 @@ def test_build_combiner_passes_options_and_the_seed():
     ("missing_file.py:Thing", None, "--combiner missing_file.py:Thing: no such file missing_file.py"),
     ("median", None, "--combiner median: choose from individual, sum, pcgrad, gse, or give a class by its import "
                      "path (package.module:ClassName)"),
-    (f"{__name__}:Recording", "{lr: 1}", "--combiner_args: not valid JSON: Expecting property name enclosed in "
-                                         "double quotes: line 1 column 2 (char 1)"),
+    (f"{__name__}:Recording", "{lr: 1}", "--combiner_args (column 2): invalid JSON: Expecting property name "
+                                         "enclosed in double quotes"),
     (f"{__name__}:Recording", "[1, 2]", '--combiner_args: expected a JSON object of keyword options, like '
                                         '{"lr": 0.01}, got list'),
     (f"{__name__}:Recording", '{"lr": 1}', f"--combiner_args: {__name__}:Recording does not take these options: "
@@ -93,7 +93,8 @@ def test_mistakes_are_one_line_flag_errors(spec, options, message, capsys):
     with pytest.raises(ValueError) as e:
         build_combiner(spec, 0, options)
     assert str(e.value) == message
-    argv = ["--data_dir", str(ROOT / "data"), "--combiner", spec, *(["--combiner_args", options] if options else [])]
+    argv = ["--data_dir", str(ROOT / "data"), "--combiner", spec, "--trust_combiner_code",
+            *(["--combiner_args", options] if options else [])]
     assert usage_error(train_main, argv, capsys) == message
 
 

@@ -5,6 +5,7 @@ import argparse
 import os
 from pathlib import Path
 
+from ..io import comma_list
 from ..precision import BF16_MODES, DEFAULT_BF16
 from .cards import CARD_PROFILES, CARD_SEEDS, CARD_SETTINGS, CardsRun
 from .profiles import PROFILES, ROW_KEYS, ROWS
@@ -50,12 +51,19 @@ def parser() -> argparse.ArgumentParser:
 def parse_seeds(p: argparse.ArgumentParser, text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
+    from ..run_config import SEED_RANGE
+
     try:
-        seeds = tuple(dict.fromkeys(int(x) for x in text.split(",") if x.strip()))
+        items = comma_list(text, "--seeds")  # the list rule of every flag: no empty or repeated item
+    except ValueError as e:
+        p.error(str(e))
+    try:
+        seeds = tuple(int(x) for x in items)
     except ValueError:
         p.error(f"--seeds {text!r}: expected comma-separated integers")
-    if not seeds:
-        p.error("--seeds: no seed given")
+    bad = [s for s in seeds if not SEED_RANGE[0] <= s <= SEED_RANGE[1]]
+    if bad:
+        p.error(f"--seeds: {bad[0]} is not a seed in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
     return seeds
 
 
@@ -70,10 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would write the tables and pick rows on its own
         p.error("run python -m minbert.experiments as one process, not under torchrun (the rows run one by one)")
-    wanted = [k.strip() for k in args.rows.split(",") if k.strip()]
+    try:
+        wanted = comma_list(args.rows, "--rows")
+    except ValueError as e:
+        p.error(str(e))
     unknown = [k for k in wanted if k not in ROW_KEYS]
-    if unknown or not wanted:
-        p.error(f"--rows: unknown row {', '.join(unknown) or args.rows!r} (choose from {', '.join(ROW_KEYS)})")
+    if unknown:
+        p.error(f"--rows: unknown row {', '.join(map(repr, unknown))} (choose from {', '.join(ROW_KEYS)})")
     if not Path(args.data_dir).is_dir():
         p.error(f"--data_dir {args.data_dir}: no such directory")
     seeds = parse_seeds(p, args.seeds)

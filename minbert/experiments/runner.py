@@ -15,10 +15,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..folder_lock import folder_lock
 from ..io import atomic_write_text, first_line
 from ..metrics import overall_score
 from ..precision import DEFAULT_BF16
 from .profiles import BASELINE, PROFILES, ROWS, STEP_CAPS, ARCHITECTURES, Row, row_argv, same_run_key
+from .reuse import RunnerError, check_reusable, preflight, read_run_results, row_config
 from .stats import mean_std, paired_difference
 from .tables import paper_markdown
 
@@ -54,7 +56,8 @@ def run_row(row: Row, argv: list[str], overwrite: bool) -> dict:
     parser = train_parser()
     directory = run_directory(argv)
     if not overwrite and is_finished(argv):
-        results = json.loads((directory / "results.json").read_text(encoding="utf-8"))
+        check_reusable(row.key, directory, row_config(row.key, argv))  # its settings are this row's
+        results = read_run_results(directory)  # strictly: a damaged file is one line, not a number in the table
         log.info("%s: reusing the finished run in %s", row.key, directory)
         return {"dev": results["dev"], "wall_seconds": results.get("wall_seconds"), "reused": True}
     if overwrite:
@@ -192,7 +195,13 @@ def execute(experiment, print_commands: bool) -> int:
             print(f"# {label}\npython train_multitask.py {shlex.join(row_args)}")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    experiment.run()
+    try:
+        with folder_lock(experiment.output_dir):  # one runner per table folder (each run locks its own folder too)
+            preflight(experiment.commands(), experiment.overwrite)  # nothing trained if a run folder cannot be used
+            experiment.run()
+    except RunnerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(experiment.table())
     print(f"\nwritten: {experiment.output_dir / 'results.json'}, {experiment.output_dir / 'results.md'}")
     runs = [run for r in experiment.results for run in r.get("runs", [r])]

@@ -4,11 +4,12 @@ from the ``--optimizer`` / ``--optim_args`` strings used by the model cards."""
 from __future__ import annotations
 
 import ast
-import json
+import re
 from typing import Any, Iterable
 
 import torch
 
+from ..io import parse_json
 from .mfac import MFAC, MFACMemoryError, free_memory_bytes
 
 __all__ = ["MFAC", "MFACMemoryError", "free_memory_bytes", "parse_optim_args", "build_optimizer", "OPTIMIZERS"]
@@ -20,60 +21,85 @@ OPTIMIZERS: dict[str, tuple[type, tuple[str, ...]]] = {
 }
 
 
-def _parse_value(text: str) -> Any:
-    """'1e-4' -> 1e-4, '1024' -> 1024, 'true'/'True' -> True, '(0.9, 0.98)' -> tuple, else str."""
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+
+
+def _parse_value(text: str, key: str) -> Any:
+    """'1e-4' -> 1e-4, '1024' -> 1024, 'true'/'True' -> True, '(0.9, 0.98)' -> tuple, a bare word (float16) -> str;
+    anything else (an unclosed bracket, stray text) is a ValueError: it is never kept as a string in silence."""
     text = text.strip()
+    if not text:
+        raise ValueError(f"{key}: no value after the separator")
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
     if lowered in ("none", "null"):
         return None
     try:
-        return json.loads(text)
+        return parse_json(text, key, finite=False)
     except ValueError:
         pass
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text.strip("'\"")
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    if _WORD.fullmatch(text):
+        return text
+    raise ValueError(f"{key}: cannot read the value {text!r} (a number, true/false, a quoted string, "
+                     "a bracketed list or a bare word)")
 
 
 def _split_top_level(text: str) -> list[str]:
-    """Split on commas that are not inside brackets or quotes."""
-    parts, depth, quote, current = [], 0, None, []
+    """Split on commas that are not inside brackets or quotes; unbalanced brackets or quotes and empty items
+    (two commas in a row, a comma at an end) are ValueErrors."""
+    parts, stack, quote, current = [], [], None, []
+    closing = {")": "(", "]": "[", "}": "{"}
     for ch in text:
         if quote:
             quote = None if ch == quote else quote
         elif ch in "'\"":
             quote = ch
         elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
+            stack.append(ch)
+        elif ch in closing:
+            if not stack or stack.pop() != closing[ch]:
+                raise ValueError(f"unbalanced {ch!r} in {text!r}")
+        elif ch == "," and not stack:
             parts.append("".join(current))
             current = []
             continue
         current.append(ch)
+    if quote or stack:
+        raise ValueError(f"unclosed {quote or stack[-1]!r} in {text!r}")
     parts.append("".join(current))
-    return [p for p in parts if p.strip()]
+    if any(not p.strip() for p in parts):
+        raise ValueError(f"empty item in {text!r} (two commas in a row, or a comma at an end)")
+    return parts
 
 
 def parse_optim_args(text: str | None) -> dict:
-    """Parse optimizer arguments as written in the model cards.
+    """Parse optimizer arguments as written in the model cards, strictly.
 
-    Accepts JSON (``'{"lr": 1e-4, "num_grads": 1024, "damp": 1e-6}'``) or a
-    comma-separated ``key: value`` / ``key=value`` list (``'lr: 1e-4, num_grads: 1024'``).
-    Values become int, float, bool, None, tuple/list or str as appropriate.
+    Accepts JSON (``'{"lr": 1e-4, "num_grads": 1024, "damp": 1e-6}'``, read by :func:`minbert.io.parse_json`: no
+    duplicate keys, nothing after the object) or a comma-separated ``key: value`` / ``key=value`` list
+    (``'lr: 1e-4, num_grads: 1024'``, also inside braces). Values become int, float, bool, None, tuple/list or str.
+    Malformed text (an unbalanced brace or bracket, an empty item, a key given twice, a value that is not one of
+    those) is a ValueError, never read as fewer arguments.
     """
     if text is None or not text.strip():
         return {}
     text = text.strip()
-    if text.startswith("{"):
+    if text.startswith("{") or text.endswith("}"):
+        if not (text.startswith("{") and text.endswith("}")):
+            raise ValueError(f"unbalanced brace in {text!r}")
         try:
-            parsed = json.loads(text)
-        except ValueError:
-            text = text[1:-1] if text.endswith("}") else text[1:]  # '{lr: 1e-4}': not JSON, parse below
+            parsed = parse_json(text, "JSON", finite=False)  # a NaN is named by check_optim_args
+        except ValueError as e:
+            if "duplicate key" in str(e):
+                raise
+            text = text[1:-1]  # '{lr: 1e-4}': not JSON, parse below
+            if not text.strip():
+                raise ValueError("'{': expected a JSON object or 'key: value' items inside the braces") from None
         else:
             if not isinstance(parsed, dict):
                 raise ValueError(f"optim_args JSON must be an object, got {text!r}")
@@ -85,9 +111,12 @@ def parse_optim_args(text: str | None) -> dict:
             raise ValueError(f"cannot parse optim_args item {item.strip()!r}: expected 'key: value' or 'key=value'")
         cut = min(seps)
         key = item[:cut].strip().strip("'\"")
-        if not key:
-            raise ValueError(f"cannot parse optim_args item {item.strip()!r}: empty key")
-        args[key] = _parse_value(item[cut + 1 :])
+        if not _WORD.fullmatch(key):
+            raise ValueError(f"cannot parse optim_args item {item.strip()!r}: "
+                             f"{'empty key' if not key else f'{key!r} is not a key name'}")
+        if key in args:
+            raise ValueError(f"{key} is given twice")
+        args[key] = _parse_value(item[cut + 1 :], key)
     return args
 
 
