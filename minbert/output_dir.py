@@ -57,9 +57,12 @@ def check_output_dir(config) -> Path | None:
 
 def check_same_settings(config, saved_args: Path) -> None:
     """--resume: the flags that change the trained weights must be those in the run's args.json."""
+    from .run_config import current_settings
+
     saved = read_json(saved_args)
     if not isinstance(saved, dict):
         raise ValueError(f"--resume: cannot read {saved_args}; start over with --overwrite_output_dir")
+    saved = current_settings(saved)  # an older minbert's names for the same settings (e.g. smart_projection none)
     now = json.loads(json.dumps(settings(config), default=str))
     # Flags absent from the saved file came with a newer minbert; their defaults cannot have been used.
     diffs = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]

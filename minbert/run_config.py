@@ -24,7 +24,7 @@ from .data import TASKS
 from .heads import DEFAULT_PARA_HEAD, DEFAULT_STS_HEAD, STS_HEADS, pair_head_conflict
 from .multitask import parse_pair_encoding, resolve_checkpoint
 from .precision import BF16_MODES
-from .smart import SMART_PROJECTIONS
+from .smart import LEGACY_PROJECTIONS, SMART_PROJECTIONS
 
 # Choices of the flags that take one of a few words (the parser's `choices` come from here too).
 POOLINGS = ("cls", "mean", "max")
@@ -49,8 +49,20 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "pooling": POOLINGS, "sts_head": tuple(STS_HEADS), "para_head": PARA_HEADS, "bf16": BF16_MODES, "smart_projection": SMART_PROJECTIONS,
-    "optim": OPTIMIZER_NAMES, "report_to": REPORT_TO,
+    "optim": OPTIMIZER_NAMES, "report_to": REPORT_TO, "pcgrad_reduction": ("mean", "sum"),
 }
+# Values an older minbert wrote to args.json, by their current names: --config and --resume read old runs with
+# these, so an old run's args.json loads and resumes with the behaviour it was trained with.
+LEGACY_SETTINGS: dict[str, dict[str, str]] = {"smart_projection": LEGACY_PROJECTIONS}
+
+
+def current_settings(values: dict) -> dict:
+    """``values`` (flag -> value, e.g. an args.json) with legacy values renamed (:data:`LEGACY_SETTINGS`)."""
+    out = dict(values)
+    for key, renames in LEGACY_SETTINGS.items():
+        if isinstance(out.get(key), str):
+            out[key] = renames.get(out[key], out[key])
+    return out
 
 
 class ConfigError(ValueError):
@@ -110,6 +122,7 @@ class RunConfig:
     bregman: bool
     bregman_mu: float
     bregman_beta: float
+    pcgrad_reduction: str
     # optimizer
     optim: str
     optim_args: str | None
@@ -139,7 +152,7 @@ class RunConfig:
                             f"flags without a field {extra}")
         if isinstance(values["optim_args"], list):  # the M-FAC cards pass it unquoted: several shell words
             values["optim_args"] = " ".join(map(str, values["optim_args"]))
-        config = cls(**values)
+        config = cls(**current_settings(values))
         config.from_file = dict(from_file or {})
         return config
 
@@ -224,7 +237,7 @@ class RunConfig:
         if self.smart and self.bf16 == "on" and self.smart_projection == "ball":
             self.fail("smart_projection", f"ball with {self.where('bf16')}: the ball's perturbation (radius "
                       "--smart_epsilon, 1e-5 by default) is below bfloat16's resolution, so the regularizer measures "
-                      "rounding; drop --bf16 or use --smart_projection none", others=("bf16",), sep=" ")
+                      "rounding; drop --bf16 or use --smart_projection library", others=("bf16",), sep=" ")
 
     def _check_pair_encoding(self) -> None:
         try:

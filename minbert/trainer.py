@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint_state, distributed
-from .combiners import StepContext, build_combiner
+from .combiners import PCGrad, StepContext, build_combiner
 from .precision import resolve_bf16
 from .progress import ProgressLog
 from .data import TaskStream, TaskTensors
@@ -49,7 +49,7 @@ def amp_dtype(config) -> torch.dtype | None:
     mode = getattr(config, "bf16", "off")
     if mode == "auto":
         cuda = torch.cuda.is_available() and getattr(config, "device", "auto") != "cpu"
-        ball = getattr(config, "smart", False) and getattr(config, "smart_projection", "none") == "ball"
+        ball = getattr(config, "smart", False) and getattr(config, "smart_projection", "library") == "ball"
         mode = resolve_bf16(mode, torch.device("cuda" if cuda else "cpu"), ball)
     return torch.bfloat16 if mode in ("on", True) else None
 
@@ -98,6 +98,8 @@ class Trainer:
         self.optimizer = optimizer_for_run(config, model)
         self.scheduler = linear_schedule(self.optimizer, int(config.warmup_ratio * self.total_steps), self.total_steps)
         self.combiner = build_combiner(config.combiner, config.seed, config.combiner_args)
+        if isinstance(self.combiner, PCGrad):  # pcgrad / gse: --pcgrad_reduction (mean unless an old config)
+            self.combiner.reduction = getattr(config, "pcgrad_reduction", "mean")
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.shared_params = model.shared_parameters()
         self.bad_steps = 0  # non-finite steps skipped in total
