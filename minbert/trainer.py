@@ -106,6 +106,7 @@ class Trainer:
         self.bad_in_a_row = 0
         self.best_score = -math.inf
         self.best_scores: dict[str, float] = {}
+        self.last_scores: dict[str, float] = {}  # the last evaluated epoch's (results.json's dev_last)
         self.best_epoch = self.best_step = 0
         self.best_state: dict[str, torch.Tensor] | None = None
         # The best epoch's dev predictions, made by exactly the weights of best_state (None after a resume that
@@ -279,7 +280,7 @@ class Trainer:
         if bad:
             raise NonFiniteError(f"epoch {epoch + 1}: the dev score of {', '.join(bad)} is not finite "
                                  f"({', '.join(f'{k} {scores[k]}' for k in bad)}); the run went wrong")
-        improved = scores["overall"] > self.best_score
+        improved, self.last_scores = scores["overall"] > self.best_score, scores
         self.metrics.write(epoch=epoch + 1, step=self.global_step, dev=scores, best=improved,
                            epoch_seconds=time.perf_counter() - t0)
         log.info("epoch %d dev: %s%s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),

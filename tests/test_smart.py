@@ -308,7 +308,9 @@ def test_end_to_end_smart_with_gse(small_data, tmp_path, extra):
     assert len(losses) == 2 and all(math.isfinite(r[f"loss_{t}"]) for r in losses for t in ("sst", "qqp", "sts"))
     assert all(r["bad_steps"] == 0 for r in losses)
     assert json.loads((out / "args.json").read_text())["smart"] is True
-    assert (out / "results.json").is_file()
+    results = json.loads((out / "results.json").read_text())
+    # one epoch: the best epoch is the last, and results.json says which score it reports
+    assert results["dev_best_epoch"] == 1 and results["epochs"] == 1 and results["dev_last"] == results["dev"]
 
 
 # ------------------------------------------------------------------------------------------------ minilm-l6
