@@ -62,7 +62,7 @@ def check_same_settings(config, saved_args: Path) -> None:
     saved = read_json(saved_args)
     if not isinstance(saved, dict):
         raise ValueError(f"--resume: cannot read {saved_args}; start over with --overwrite_output_dir")
-    saved = current_settings(saved)  # an older minbert's names for the same settings (e.g. smart_projection none)
+    saved = current_settings(saved, saved=True)  # an older minbert's names and defaults (smart_projection none)
     now = json.loads(json.dumps(settings(config), default=str))
     # Flags absent from the saved file came with a newer minbert; their defaults cannot have been used.
     diffs = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]

@@ -217,6 +217,10 @@ def test_resume_and_config_read_the_legacy_name(tmp_path):
     check_same_settings(Config("library_early"), saved)  # an old run resumes with the form it was trained with
     with pytest.raises(ValueError, match="--smart_projection library_early \\(now library\\)"):
         check_same_settings(Config("library"), saved)  # never silently switched to the new default
+    # an args.json from before --pcgrad_reduction: pcgrad summed, gse averaged
+    assert current_settings({"combiner": "pcgrad"}, saved=True)["pcgrad_reduction"] == "sum"
+    assert current_settings({"combiner": "gse"}, saved=True)["pcgrad_reduction"] == "mean"
+    assert "pcgrad_reduction" not in current_settings({"combiner": "pcgrad"})  # only for a saved args.json
 
 
 # ------------------------------------------------------------------------------------------------ minilm-l6
