@@ -69,6 +69,14 @@ def _pair_encoding(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _smart_projection(text: str) -> str:
+    """--smart_projection: the legacy name ``none`` (MT-DNN 0d6201e, minbert's default before 2026-12) is
+    library_early; any other value goes to argparse's choices check unchanged."""
+    from .smart import LEGACY_PROJECTIONS
+
+    return LEGACY_PROJECTIONS.get(text, text)
+
+
 def _bf16(text: str) -> str:
     from .precision import parse_bf16
 
@@ -170,13 +178,16 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--smart_steps", type=_nonneg_int, default=SMART_STEPS, help="SMART: ascent steps on the perturbation")
     g.add_argument("--smart_lambda", type=_nonneg_float, default=SMART_LAMBDA, help="SMART: regularizer weight lambda")
     g.add_argument("--smart_eta", type=_nonneg_float, default=SMART_ETA, help="SMART: ascent step size eta")
-    g.add_argument("--smart_projection", choices=SMART_PROJECTIONS, default=SMART_PROJECTION,
-                   help="SMART's perturbation: none = the MT-DNN library's (x + eta * per-token normalized gradient, "
-                        "no bound), ball = the paper read literally (projected into the max-norm ball of radius "
-                        "epsilon); docs/multitask.md")
+    g.add_argument("--smart_projection", type=_smart_projection, choices=SMART_PROJECTIONS, default=SMART_PROJECTION,
+                   help="SMART's perturbation: library = the MT-DNN library today (namisan/mt-dnn perturbation.py "
+                        "at 676b48b, as archinetai/smart-pytorch): noise, then per token (noise + eta * grad) / "
+                        "(max|noise + eta * grad| + epsilon), so |delta| is about 1; library_early = its early form "
+                        "(mt-dnn 0d6201e, minbert's default before 2026-12, old name none): x + eta * per-token "
+                        "normalized gradient, |delta| about eta; ball = the paper's Algorithm 1 read literally "
+                        "(projected into the max-norm ball of radius epsilon); docs/multitask.md")
     g.add_argument("--smart_epsilon", type=_nonneg_float, default=None,
-                   help="SMART: with --smart_projection ball the max-norm radius (default 1e-5); with none only the "
-                        "stabiliser of the gradient's normalization (default 1e-30)")
+                   help="SMART: with library the normalization's stabiliser (default 1e-5, the report's); with ball "
+                        "the max-norm radius (default 1e-5); with library_early the stabiliser (default 1e-30)")
     g.add_argument("--smart_sigma", type=_nonneg_float, default=SMART_SIGMA, help="SMART: initial noise std sigma")
     g.add_argument("--bregman", action="store_true",
                    help="with --smart: add the Bregman proximal-point term against an EMA copy of the model")
@@ -186,6 +197,10 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--trust_combiner_code", action="store_true",
                    help="import and run the code a --combiner package.module:Class names (command line only: a "
                         "--config file cannot set it; never with --predict_only)")
+    g.add_argument("--pcgrad_reduction", choices=("mean", "sum"), default="mean",
+                   help="pcgrad and gse: the encoder's gradient is the mean (default) or the sum of the PCGrad-"
+                        "projected task gradients. mean = WeiChengTseng/Pytorch-PCGrad (e987ac6), the implementation "
+                        "CS224N projects copied, and GSE's form since the start; sum = Yu et al. 2020, Algorithm 1")
     g = p.add_argument_group("optimizer")
     g.add_argument("--optim", default="adamw", type=str.lower, choices=OPTIMIZER_NAMES,
                    help="adamw (torch, fused) or mfac (M-FAC, see docs/mfac.md); case-insensitive")

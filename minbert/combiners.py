@@ -92,13 +92,22 @@ class Sum(Combiner):
 # PCGrad (Yu et al. 2020, "Gradient Surgery for Multi-Task Learning", Algorithm 1)
 
 
-def pcgrad(grads: list[torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-    """Project conflicting gradients and return their sum (Yu et al. 2020, Algorithm 1).
+PCGRAD_REDUCTIONS = ("mean", "sum")
+
+
+def pcgrad(grads: list[torch.Tensor], generator: torch.Generator | None = None,
+           reduction: str = "mean") -> torch.Tensor:
+    """Project conflicting gradients and return their mean (``reduction="sum"``: their sum).
 
     ``grads`` are the tasks' flat gradients over the shared parameters. For each task i, its copy g_i^PC is
     projected, for every other task j in a random order, onto the normal plane of the ORIGINAL g_j whenever they
-    conflict: if g_i^PC . g_j < 0 then g_i^PC -= (g_i^PC . g_j / ||g_j||^2) g_j. Returns sum_i g_i^PC.
+    conflict: if g_i^PC . g_j < 0 then g_i^PC -= (g_i^PC . g_j / ||g_j||^2) g_j (Yu et al. 2020, Algorithm 1).
+    Algorithm 1 returns sum_i g_i^PC; WeiChengTseng/Pytorch-PCGrad (pcgrad.py at e987ac6), which CS224N projects
+    copied, returns their mean (its ``reduction='mean'`` default; its ``'sum'`` branch is unreachable there, since
+    ``if self._reduction:`` is true for any name). --pcgrad_reduction chooses; mean is the default.
     """
+    if reduction not in PCGRAD_REDUCTIONS:
+        raise ValueError(f"pcgrad: unknown reduction {reduction!r} ({', '.join(PCGRAD_REDUCTIONS)})")
     total = torch.zeros_like(grads[0])  # summed as we go: one projected copy alive at a time
     for i, g_i in enumerate(grads):
         g_pc = g_i.clone()
@@ -109,35 +118,42 @@ def pcgrad(grads: list[torch.Tensor], generator: torch.Generator | None = None) 
             if dot < 0:  # conflicting (negative cosine similarity); ||g_j|| > 0 since the dot is non-zero
                 g_pc.sub_(g_j, alpha=(dot / torch.dot(g_j, g_j)).item())
         total += g_pc
-    return total
+    return total.mul_(1.0 / len(grads)) if reduction == "mean" else total
 
 
-def _pop_flat_grad(params: list[nn.Parameter], used: list[bool]) -> torch.Tensor:
+def _pop_flat_grad(params: list[nn.Parameter], used: list[int]) -> torch.Tensor:
     """The parameters' gradients as one flat vector (zeros where a parameter got none); their .grad is cleared
-    and ``used[k]`` set for every parameter that had one."""
+    and ``used[k]`` counts the tasks that gave parameter k a gradient."""
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
     for k, p in enumerate(params):
-        used[k] = used[k] or p.grad is not None
+        used[k] += p.grad is not None
         p.grad = None
     return flat
 
 
-def _set_flat_grad(params: list[nn.Parameter], flat: torch.Tensor, used: list[bool]) -> None:
-    """Point each used parameter's .grad at its slice of ``flat`` (views, no copy). Parameters no task used
-    (e.g. the pooler under mean pooling) keep no gradient, so the optimizer leaves them alone, as with ``sum``."""
-    offset = 0
+def _set_flat_grad(params: list[nn.Parameter], flat: torch.Tensor, used: list[int], scale_all: float = 1.0) -> None:
+    """Point each used parameter's .grad at its slice of ``flat`` (views, no copy), scaled by ``scale_all`` where
+    every task gave it a gradient. Parameters no task used (e.g. the pooler under mean pooling) keep no gradient,
+    so the optimizer leaves them alone, as with ``sum``."""
+    offset, n_tasks = 0, max(used, default=0)
     for p, u in zip(params, used):
         if u:
             p.grad = flat[offset : offset + p.numel()].view_as(p)
+            if scale_all != 1.0 and u == n_tasks:
+                p.grad.mul_(scale_all)
         offset += p.numel()
 
 
-def projected_shared_grad(ctx: StepContext, generator: torch.Generator, scale: float = 1.0) -> dict[str, float]:
-    """Back-propagate each task's loss on its own, then set the shared parameters' .grad to ``scale`` x the
-    PCGrad sum of the task gradients; return the losses. Task-specific (head) parameters keep their own
-    gradients in .grad: each head is used by one task only, so its gradient needs no surgery."""
+def projected_shared_grad(ctx: StepContext, generator: torch.Generator, reduction: str = "mean") -> dict[str, float]:
+    """Back-propagate each task's loss on its own, then set the shared parameters' .grad to the PCGrad mean
+    (``reduction="sum"``: sum) of the task gradients; return the losses. As in Pytorch-PCGrad (e987ac6), the mean
+    is taken over parameters every task reaches; one only some tasks reach gets their sum. Task-specific (head)
+    parameters keep their own gradients in .grad: each head is used by one task only, so its gradient needs no
+    surgery."""
+    if reduction not in PCGRAD_REDUCTIONS:
+        raise ValueError(f"pcgrad: unknown reduction {reduction!r} ({', '.join(PCGRAD_REDUCTIONS)})")
     losses, flat_grads = {}, []
-    used = [False] * len(ctx.shared_params)
+    used = [0] * len(ctx.shared_params)
     for task in ctx.tasks:
         loss = ctx.task_loss(task)
         loss.backward()  # head grads land in .grad; the encoder's are taken out below
@@ -145,23 +161,24 @@ def projected_shared_grad(ctx: StepContext, generator: torch.Generator, scale: f
         del loss
         ctx.sync_grads(ctx.shared_params)  # torchrun: the surgery works on the global batch's task gradients
         flat_grads.append(_pop_flat_grad(ctx.shared_params, used))
-    shared = pcgrad(flat_grads, generator)
+    shared = pcgrad(flat_grads, generator, "sum")
     del flat_grads
-    _set_flat_grad(ctx.shared_params, shared.mul_(scale), used)
+    _set_flat_grad(ctx.shared_params, shared, used, 1.0 / len(ctx.tasks) if reduction == "mean" else 1.0)
     return losses
 
 
 class PCGrad(Combiner):
-    """Gradient surgery (§4.2 and §5.3.2 1b): one step on the sum of the PCGrad-projected task gradients over the
-    shared encoder; each head steps on its own task's gradient."""
+    """Gradient surgery (§4.2 and §5.3.2 1b): one step on the mean (--pcgrad_reduction sum: the sum) of the
+    PCGrad-projected task gradients over the shared encoder; each head steps on its own task's gradient."""
     name = "pcgrad"
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, reduction: str = "mean"):
         super().__init__(seed)
         self.generator = torch.Generator().manual_seed(seed)  # the random order over the other tasks
+        self.reduction = reduction  # --pcgrad_reduction (the trainer sets it)
 
     def step(self, ctx: StepContext) -> dict[str, float]:
-        losses = projected_shared_grad(ctx, self.generator)
+        losses = projected_shared_grad(ctx, self.generator, self.reduction)
         ctx.optimizer_step()
         return losses
 
@@ -170,8 +187,9 @@ class GSE(PCGrad):
     """The report's "gradient surgery experiment" (§5.3.2 1c): two optimizer steps per training step, in this order:
 
     1. at the current parameters θ, each task's loss L_t(θ) is computed and back-propagated on its own (SMART term
-       included when enabled); the encoder gets the MEAN of the PCGrad-projected task gradients (Algorithm 1 of
-       Yu et al., sum / number of tasks), each head its own task's gradient; optimizer step -> θ';
+       included when enabled); the encoder gets the mean of the PCGrad-projected task gradients (as
+       Pytorch-PCGrad e987ac6; --pcgrad_reduction sum: their sum, Algorithm 1 of Yu et al.), each head its own
+       task's gradient; optimizer step -> θ';
     2. on the same batches, at the updated parameters θ', the plain combined loss L_sst + L_qqp + L_sts (fresh
        forward passes, new dropout masks, SMART recomputed) is back-propagated; optimizer step -> θ''.
 
@@ -181,7 +199,7 @@ class GSE(PCGrad):
     name = "gse"
 
     def step(self, ctx: StepContext) -> dict[str, float]:
-        losses = projected_shared_grad(ctx, self.generator, scale=1.0 / len(ctx.tasks))  # the mean
+        losses = projected_shared_grad(ctx, self.generator, self.reduction)
         ctx.optimizer_step()
         backward_sum(ctx)
         ctx.optimizer_step()

@@ -64,6 +64,9 @@ def setting_differences(saved: dict, config) -> list[str]:
     """The flags that change the trained weights (all but RESUME_MAY_CHANGE) whose value in a run's recorded
     settings ``saved`` (its args.json) differs from ``config``'s, as ``--key SAVED (now NOW)``. Flags absent from
     ``saved`` came with a newer minbert (their defaults cannot have been used) and are skipped."""
+    from .run_config import current_settings  # lazy: run_config imports this module's callers
+
+    saved = current_settings(saved, saved=True)  # an older minbert's names and defaults (smart_projection none)
     now = json.loads(json.dumps(settings(config), default=str))
     return [f"--{k} {saved[k]} (now {now[k]})" for k in now
             if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]

@@ -24,7 +24,7 @@ from .data import TASKS
 from .heads import DEFAULT_PARA_HEAD, DEFAULT_STS_HEAD, STS_HEADS, pair_head_conflict
 from .multitask import parse_pair_encoding, resolve_checkpoint
 from .precision import BF16_MODES
-from .smart import SMART_PROJECTIONS
+from .smart import LEGACY_PROJECTIONS, SMART_PROJECTIONS
 from .user_combiner import check_interface
 
 # Choices of the flags that take one of a few words (the parser's `choices` come from here too).
@@ -48,8 +48,28 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "pooling": POOLINGS, "sts_head": tuple(STS_HEADS), "para_head": PARA_HEADS, "bf16": BF16_MODES, "smart_projection": SMART_PROJECTIONS,
-    "optim": OPTIMIZER_NAMES, "report_to": REPORT_TO,
+    "optim": OPTIMIZER_NAMES, "report_to": REPORT_TO, "pcgrad_reduction": ("mean", "sum"),
 }
+# Values an older minbert wrote to args.json, by their current names: --config and --resume read old runs with
+# these, so an old run's args.json loads and resumes with the behaviour it was trained with.
+LEGACY_SETTINGS: dict[str, dict[str, str]] = {"smart_projection": LEGACY_PROJECTIONS}
+
+
+# What a run got for a flag its args.json lacks (written before the flag existed), from its other settings:
+# --combiner pcgrad stepped on the PCGrad sum, gse on the mean, before --pcgrad_reduction.
+LEGACY_DEFAULTS = {"pcgrad_reduction": lambda saved: "sum" if saved.get("combiner") == "pcgrad" else "mean"}
+
+
+def current_settings(values: dict, saved: bool = False) -> dict:
+    """``values`` (flag -> value, e.g. an args.json) with legacy values renamed (:data:`LEGACY_SETTINGS`);
+    ``saved``: an args.json, whose missing flags get what that run used (:data:`LEGACY_DEFAULTS`)."""
+    out = dict(values)
+    for key, renames in LEGACY_SETTINGS.items():
+        if isinstance(out.get(key), str):
+            out[key] = renames.get(out[key], out[key])
+    if saved:
+        out.update({key: old(out) for key, old in LEGACY_DEFAULTS.items() if key not in out})
+    return out
 
 
 class ConfigError(ValueError):
@@ -110,6 +130,7 @@ class RunConfig:
     bregman_mu: float
     bregman_beta: float
     trust_combiner_code: bool
+    pcgrad_reduction: str
     # optimizer
     optim: str
     optim_args: str | None
@@ -139,7 +160,7 @@ class RunConfig:
                             f"flags without a field {extra}")
         if isinstance(values["optim_args"], list):  # the M-FAC cards pass it unquoted: several shell words
             values["optim_args"] = " ".join(map(str, values["optim_args"]))
-        config = cls(**values)
+        config = cls(**current_settings(values))
         config.from_file = dict(from_file or {})
         return config
 
@@ -224,7 +245,7 @@ class RunConfig:
         if self.smart and self.bf16 == "on" and self.smart_projection == "ball":
             self.fail("smart_projection", f"ball with {self.where('bf16')}: the ball's perturbation (radius "
                       "--smart_epsilon, 1e-5 by default) is below bfloat16's resolution, so the regularizer measures "
-                      "rounding; drop --bf16 or use --smart_projection none", others=("bf16",), sep=" ")
+                      "rounding; drop --bf16 or use --smart_projection library", others=("bf16",), sep=" ")
 
     def _check_pair_encoding(self) -> None:
         try:

@@ -6,14 +6,25 @@ The training objective of §3 is  min_θ L(θ) + λ R_s(θ)  (+ μ D_Breg(θ, θ
     R_s(θ) = 1/n Σ_i  ℓ_s(f(x_i + δ_i; θ), f(x_i; θ))
 
 x_i is the embedding-layer output of example i (the report's §4.4: "the first embedding layer") and δ_i an
-adversarial perturbation found by ``steps`` normalized gradient-ascent steps from random noise ν ~ N(0, σ²I).
-ℓ_s is the symmetric KL divergence for classification (softmax for SST, Bernoulli for the QQP logit) and the
-squared error for regression (STS). Two forms of δ (``projection``):
+adversarial perturbation found by ``steps`` gradient-ascent steps from random noise ν ~ N(0, σ²I). ℓ_s is the
+symmetric KL divergence for classification (softmax for SST, Bernoulli for the QQP logit) and the squared error for
+regression (STS). Three forms of δ (``projection``), each following a named reference:
 
-* ``"none"`` (default): the authors' MT-DNN library, which the report says it used (mt_dnn/perturbation.py).
-  The ascent direction is normalized per token, d = g / (max_h |g_h| + ε), where the max runs over the token's
-  hidden vector and ε only keeps the division finite; the perturbed input is x + η·d (the noise only chooses
-  where the first gradient is taken), with no projection. The largest |δ| of a token is therefore about η.
+* ``"library"`` (default): the authors' MT-DNN library as it computes δ today (namisan/mt-dnn
+  mt_dnn/perturbation.py at commit 676b48b; archinetai/smart-pytorch smart_pytorch.py at 5ea2d4b runs the same
+  loop). Starting from ν = σ·N(0, I): repeat K times  g = ∇_ν Σ_batch ℓ_s(f(x + ν), f(x).detach());
+  ν ← (ν + η g) / (max_h |ν + η g| + ε)  per token (max over the hidden vector); then δ = ν. The ascent loss is
+  summed over the batch, as both references sum it (mt-dnn: stable_kl(..., reduce=False) and
+  mse_loss(reduction="sum"); smart-pytorch's sym_kl_loss: reduction="sum"). Each token's largest |δ| is about
+  1, not η; ε = 1e-5 (the report's) only stabilises the division. A token whose gradient is zero (padding, or an
+  eval-mode gradient that underflows) keeps its normalized noise: δ = ν / (max|ν| + ε), never zero.
+  (mt-dnn's ascent loss is a one-sided KL; minbert uses ℓ_s, the symmetric KL of smart-pytorch's sym_kl_loss.)
+* ``"library_early"``: the library's early form (namisan/mt-dnn mt_dnn/perturbation.py at commit 0d6201e;
+  minbert's default before 2026-12, then called ``none``, still accepted as an alias). The ascent direction is
+  normalized per token, d = g / (max_h |g_h| + ε) with g the gradient of the batch-MEAN ℓ_s at x + ν, and
+  δ = η·d (the noise only chooses where the first gradient is taken), no projection: the largest |δ| of a token
+  is about η. ε defaults to 1e-30 here: the per-token gradients are about 1e-10 in eval mode (minilm-l6), so the
+  report's 1e-5 would shrink δ to about 1e-8 instead of η.
 * ``"ball"``: the paper's Algorithm 1 read literally: start from x + ν, step by η·g / ||g||_∞ (per example),
   project onto the max-norm ball ||δ||_∞ ≤ ε after each step. With ε = 1e-5 next to embedding entries of order
   1, this δ is too small to change the output measurably (docs/multitask.md, "SMART: the size of δ").
@@ -36,21 +47,33 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 # The report's settings (§4.4), also the paper's defaults: λ, η, ε, σ; plus the Bregman proximal point's μ, β.
 SMART_LAMBDA, SMART_ETA, SMART_EPSILON, SMART_SIGMA, SMART_STEPS = 5.0, 1e-3, 1e-5, 1e-5, 1
 BREGMAN_MU, BREGMAN_BETA = 1.0, 0.99
-# The form of δ: "none" = the MT-DNN library's (no projection, ε a stabiliser), "ball" = the paper-literal ε-ball.
-SMART_PROJECTIONS = ("none", "ball")
-SMART_PROJECTION = "none"
+# The form of δ (module docstring): "library" = MT-DNN 676b48b / smart-pytorch, "library_early" = MT-DNN 0d6201e,
+# "ball" = the paper-literal ε-ball.
+SMART_PROJECTIONS = ("library", "library_early", "ball")
+SMART_PROJECTION = "library"
+# Names an older minbert wrote to args.json: "none" was the MT-DNN 0d6201e form (the default until 2026-12).
+LEGACY_PROJECTIONS = {"none": "library_early"}
+
+
+def projection_name(projection: str) -> str:
+    """The current name of a --smart_projection value (legacy aliases mapped); unknown names are refused."""
+    projection = LEGACY_PROJECTIONS.get(projection, projection)
+    if projection not in SMART_PROJECTIONS:
+        raise ValueError(f"SMART: unknown projection {projection!r} ({', '.join(SMART_PROJECTIONS)})")
+    return projection
 
 
 def default_epsilon(projection: str) -> float:
-    """ε when none is given. ``ball``: the report's radius 1e-5. ``none``: 1e-30, a pure stabiliser (it keeps a
-    padding token's zero gradient a zero step). The report's 1e-5 is no stabiliser there: in eval mode the
-    per-token gradients at the initial noise are about 1e-10 (minilm-l6, docs/multitask.md), so g / (max|g| + 1e-5)
-    would shrink δ to about 1e-8 instead of η."""
-    return SMART_EPSILON if projection == "ball" else 1e-30
+    """ε when none is given. ``library``: the report's 1e-5 (the denominator's stabiliser; MT-DNN's own default is
+    1e-6). ``ball``: the report's radius 1e-5. ``library_early``: 1e-30, a pure stabiliser (it keeps a padding
+    token's zero gradient a zero step). The report's 1e-5 is no stabiliser there: in eval mode the per-token
+    gradients at the initial noise are about 1e-10 (minilm-l6, docs/multitask.md), so g / (max|g| + 1e-5) would
+    shrink δ to about 1e-8 instead of η."""
+    return 1e-30 if projection_name(projection) == "library_early" else SMART_EPSILON
 
 
-def divergence(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
-    """ℓ_s between two head outputs, averaged over the batch.
+def divergence(a: torch.Tensor, b: torch.Tensor, kind: str, reduction: str = "mean") -> torch.Tensor:
+    """ℓ_s between two head outputs, averaged over the batch (``reduction="sum"``: summed over it).
 
     ``logits`` (softmax over classes): KL(p||q) + KL(q||p) = Σ_k (p_k - q_k)(log p_k - log q_k).
     ``binary`` (one logit, Bernoulli p = σ(a), q = σ(b)): the same sum over {1, 0} reduces to (p - q)(a - b),
@@ -59,13 +82,17 @@ def divergence(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
     """
     if a.dtype in (torch.float16, torch.bfloat16):  # mixed precision: compute the divergence in float32
         a, b = a.float(), b.float()
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"SMART: unknown reduction {reduction!r} (mean, sum)")
     if kind == "logits":
         log_p, log_q = a.log_softmax(-1), b.log_softmax(-1)
-        return ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1).mean()
+        per_example = ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1)
+        return per_example.mean() if reduction == "mean" else per_example.sum()
     if kind == "binary":
-        return ((torch.sigmoid(a) - torch.sigmoid(b)) * (a - b)).mean()
+        per_example = (torch.sigmoid(a) - torch.sigmoid(b)) * (a - b)
+        return per_example.mean() if reduction == "mean" else per_example.sum()
     if kind == "score":
-        return F.mse_loss(a, b)
+        return F.mse_loss(a, b, reduction=reduction)
     raise ValueError(f"SMART: unknown head output kind {kind!r} (logits, binary, score)")
 
 
@@ -86,11 +113,11 @@ def frozen(params: Iterable[nn.Parameter]):
 def _normalized_direction(grads: list[torch.Tensor], epsilon: float, projection: str) -> list[torch.Tensor]:
     """The ascent direction g̃ of each sentence tensor's gradient g (batch, seq, hidden).
 
-    ``none`` (MT-DNN): g / (max |g| over each token's hidden vector + ε), so every token that moves the output
+    ``library_early`` (MT-DNN 0d6201e): g / (max |g| over each token's hidden vector + ε), so every token that moves the output
     gets a step whose largest entry is about η, as long as ε is far below its gradient (:func:`default_epsilon`).
     ``ball`` (Algorithm 1): g / ||g_i||_∞, the max-norm of example i over all its sentences' tokens. A zero
     gradient stays a zero step in both."""
-    if projection == "none":
+    if projection == "library_early":
         tiny = torch.finfo(grads[0].dtype).tiny  # a zero gradient stays a zero step in any float type
         return [g / (g.abs().amax(-1, keepdim=True) + epsilon).clamp_min(tiny) for g in grads]
     g_max = torch.stack([g.abs().flatten(1).amax(1) for g in grads]).amax(0)
@@ -113,37 +140,45 @@ def adversarial_perturbation(
 ) -> list[torch.Tensor]:
     """The perturbations δ (one per sentence tensor in ``embeds``, shape (batch, seq, hidden)), returned detached.
 
-    Both forms start at ν ~ N(0, σ²I) and take ``steps`` ascent steps on g = ∇_δ ℓ_s(f(x + δ), f(x)), with
-    f(x) detached:
+    Every form starts at ν ~ N(0, σ²I) and takes ``steps`` ascent steps on the gradient of ℓ_s(f(x + δ), f(x)),
+    with f(x) detached (the module docstring names each form's reference):
 
-    * ``projection="none"`` (MT-DNN's library): δ ← η g̃ at the first step (the noise is dropped, as in the
-      library: the perturbed input is x + η·direction), δ ← δ + η g̃ at any later one, with the per-token
-      g̃ = g / (max_h |g_h| + ε); no bound on δ. With ``steps=0`` δ is the noise ν.
+    * ``projection="library"`` (default, MT-DNN 676b48b / smart-pytorch): ν ← (ν + η g) / (max_h |ν + η g| + ε)
+      per token, g the gradient of ℓ_s summed over the batch; δ = ν. With ``steps=0`` δ is the noise ν.
+    * ``projection="library_early"`` (MT-DNN 0d6201e; legacy name ``none``): δ ← η g̃ at the first step (the
+      noise is dropped: the perturbed input is x + η·direction), δ ← δ + η g̃ at any later one, with the per-token
+      g̃ = g / (max_h |g_h| + ε) of the batch-mean ℓ_s; no bound on δ. With ``steps=0`` δ is the noise ν.
     * ``projection="ball"`` (Algorithm 1 read literally): δ ← Π_{||δ||_∞ ≤ ε}(δ + η g / ||g||_∞), the max-norm
       per example; the initial noise is projected too, so |δ| ≤ ε elementwise even with ``steps=0``.
 
     ``noise`` maps ``embeds`` to standard normal tensors of their shapes (default: ``torch.randn_like`` of
     each); under torchrun each rank draws its rows of the global batch's noise (distributed.batch_noise)."""
-    if projection not in SMART_PROJECTIONS:
-        raise ValueError(f"SMART: unknown projection {projection!r} ({', '.join(SMART_PROJECTIONS)})")
-    ball = projection == "ball"
+    projection = projection_name(projection)
     epsilon = default_epsilon(projection) if epsilon is None else epsilon
     embeds = [e.detach() for e in embeds]
     target = clean_output.detach()
     nus = [torch.randn_like(e) for e in embeds] if noise is None else noise(embeds)
     deltas = [nu * sigma for nu in nus]
-    if ball:
+    if projection == "ball":
         deltas = [d.clamp_(-epsilon, epsilon) for d in deltas]
+    # The references sum the ascent loss over the batch in the library form (see the module docstring).
+    reduction = "sum" if projection == "library" else "mean"
     with frozen(frozen_params):
         for step in range(steps):
             for d in deltas:
                 d.requires_grad_(True)
-            div = divergence(forward([e + d for e, d in zip(embeds, deltas)]), target, kind)
+            div = divergence(forward([e + d for e, d in zip(embeds, deltas)]), target, kind, reduction)
             grads = torch.autograd.grad(div, deltas)  # frees this pass's graph
             del div
+            if projection == "library":
+                # ν + η g, then normalized per token by its max-norm over the hidden vector (+ ε)
+                moved = [d.detach() + eta * g for d, g in zip(deltas, grads)]
+                del grads
+                deltas = [m / (m.abs().amax(-1, keepdim=True) + epsilon) for m in moved]
+                continue
             directions = _normalized_direction(grads, epsilon, projection)
             del grads
-            if ball:
+            if projection == "ball":
                 deltas = [(d.detach() + eta * g).clamp_(-epsilon, epsilon) for d, g in zip(deltas, directions)]
             elif step == 0:
                 deltas = [eta * g for g in directions]
@@ -187,8 +222,7 @@ class SmartRegularizer:
                  epsilon: float | None = None, sigma: float = SMART_SIGMA, bregman: bool = False,
                  bregman_mu: float = BREGMAN_MU, bregman_beta: float = BREGMAN_BETA,
                  projection: str = SMART_PROJECTION):
-        if projection not in SMART_PROJECTIONS:
-            raise ValueError(f"SMART: unknown projection {projection!r} ({', '.join(SMART_PROJECTIONS)})")
+        projection = projection_name(projection)
         epsilon = default_epsilon(projection) if epsilon is None else epsilon
         self.lam, self.steps, self.eta, self.epsilon, self.sigma = lam, steps, eta, epsilon, sigma
         self.projection = projection
@@ -270,4 +304,5 @@ def ema_copy(model: nn.Module, beta: float) -> AveragedModel:
     return ema
 
 
-__all__ = ["SmartRegularizer", "smart_loss", "adversarial_perturbation", "divergence", "ema_copy", "SMART_PROJECTIONS"]
+__all__ = ["SmartRegularizer", "smart_loss", "adversarial_perturbation", "divergence", "ema_copy", "SMART_PROJECTIONS",
+           "LEGACY_PROJECTIONS", "projection_name"]

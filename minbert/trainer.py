@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint_state, distributed
-from .combiners import COMBINERS, StepContext, build_combiner
+from .combiners import COMBINERS, PCGrad, StepContext, build_combiner
 from .precision import resolve_bf16
 from .progress import ProgressLog
 from .data import TaskStream, TaskTensors
@@ -50,7 +50,7 @@ def amp_dtype(config) -> torch.dtype | None:
     mode = getattr(config, "bf16", "off")
     if mode == "auto":
         cuda = torch.cuda.is_available() and getattr(config, "device", "auto") != "cpu"
-        ball = getattr(config, "smart", False) and getattr(config, "smart_projection", "none") == "ball"
+        ball = getattr(config, "smart", False) and getattr(config, "smart_projection", "library") == "ball"
         mode = resolve_bf16(mode, torch.device("cuda" if cuda else "cpu"), ball)
     return torch.bfloat16 if mode in ("on", True) else None
 
@@ -101,12 +101,15 @@ class Trainer:
         self.combiner = build_combiner(config.combiner, config.seed, config.combiner_args)
         self.combiner_step = self.combiner.step if config.combiner in COMBINERS else checked_step(
             self.combiner, config.combiner, (NonFiniteError, MemoryError))  # a user's: one line if it misbehaves
+        if isinstance(self.combiner, PCGrad):  # pcgrad / gse: --pcgrad_reduction (mean unless an old config)
+            self.combiner.reduction = getattr(config, "pcgrad_reduction", "mean")
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.shared_params = model.shared_parameters()
         self.bad_steps = 0  # non-finite steps skipped in total
         self.bad_in_a_row = 0
         self.best_score = -math.inf
         self.best_scores: dict[str, float] = {}
+        self.last_scores: dict[str, float] = {}  # the last evaluated epoch's (results.json's dev_last)
         self.best_epoch = self.best_step = 0
         self.best_state: dict[str, torch.Tensor] | None = None
         # The best epoch's dev predictions, made by exactly the weights of best_state (None after a resume that
@@ -280,7 +283,7 @@ class Trainer:
         if bad:
             raise NonFiniteError(f"epoch {epoch + 1}: the dev score of {', '.join(bad)} is not finite "
                                  f"({', '.join(f'{k} {scores[k]}' for k in bad)}); the run went wrong")
-        improved = scores["overall"] > self.best_score
+        improved, self.last_scores = scores["overall"] > self.best_score, scores
         self.metrics.write(epoch=epoch + 1, step=self.global_step, dev=scores, best=improved,
                            epoch_seconds=time.perf_counter() - t0)
         log.info("epoch %d dev: %s%s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),

@@ -50,7 +50,7 @@ def usage_error(main, argv, capsys) -> str:
     (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
     (["--smart", "--bf16", "--smart_projection", "ball"],
      "--smart_projection ball with --bf16: the ball's perturbation (radius --smart_epsilon, 1e-5 by default) is "
-     "below bfloat16's resolution, so the regularizer measures rounding; drop --bf16 or use --smart_projection none"),
+     "below bfloat16's resolution, so the regularizer measures rounding; drop --bf16 or use --smart_projection library"),
 ])
 def test_train_flag_mistakes(capsys, argv, message):
     if "--data_dir" not in argv:

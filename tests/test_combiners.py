@@ -16,17 +16,21 @@ def t(*xs):
 def test_two_conflicting_gradients_are_projected_onto_each_others_normal_plane():
     g1, g2 = t(1, 0), t(-1, 1)  # g1 . g2 = -1 < 0
     # g1 - (g1.g2 / |g2|^2) g2 = (1, 0) + 1/2 (-1, 1) = (0.5, 0.5); g2 - (g2.g1 / |g1|^2) g1 = (-1, 1) + (1, 0) = (0, 1)
-    out = pcgrad([g1, g2], torch.Generator().manual_seed(0))
+    out = pcgrad([g1, g2], torch.Generator().manual_seed(0), "sum")  # Algorithm 1's sum
     torch.testing.assert_close(out, t(0.5, 1.5))
+    out = pcgrad([g1, g2], torch.Generator().manual_seed(0))  # the default: Pytorch-PCGrad's mean
+    torch.testing.assert_close(out, t(0.25, 0.75))
     # each projected gradient is orthogonal to the other task's original gradient
     assert torch.dot(t(0.5, 0.5), g2) == 0 and torch.dot(t(0, 1), g1) == 0
 
 
 def test_non_conflicting_gradients_are_summed_unchanged():
-    out = pcgrad([t(1, 2), t(3, 1)])  # dot 5 > 0
+    out = pcgrad([t(1, 2), t(3, 1)], reduction="sum")  # dot 5 > 0
     torch.testing.assert_close(out, t(4, 3))
-    out = pcgrad([t(1, 0), t(0, 1)])  # orthogonal: dot 0, not a conflict
+    out = pcgrad([t(1, 0), t(0, 1)], reduction="sum")  # orthogonal: dot 0, not a conflict
     torch.testing.assert_close(out, t(1, 1))
+    with pytest.raises(ValueError, match="unknown reduction"):
+        pcgrad([t(1, 0)], reduction="max")
 
 
 # Three tasks: g1 = (1, 0), g2 = (-1, 1), g3 = (-1, -2); every pair conflicts (dots -1, -1, -1), and the result of
@@ -59,8 +63,9 @@ def _orders(seed: int) -> list[tuple[int, ...]]:
 @pytest.mark.parametrize("seed", range(6))
 def test_three_tasks_match_hand_computed_projections(seed):
     expected = sum(HAND[(i, order)] for i, order in enumerate(_orders(seed)))
-    out = pcgrad(THREE, torch.Generator().manual_seed(seed))
+    out = pcgrad(THREE, torch.Generator().manual_seed(seed), "sum")
     torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(pcgrad(THREE, torch.Generator().manual_seed(seed)), expected / 3)
 
 
 def test_random_order_is_reproducible_from_the_seed_and_does_vary():
@@ -128,11 +133,16 @@ def test_sum_steps_once_on_the_summed_gradient():
     assert calls["steps"] == 1 and set(losses) == {"sst", "qqp"}
 
 
-def test_pcgrad_steps_on_projected_sum_and_heads_keep_their_own_gradients():
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_pcgrad_steps_on_projected_mean_or_sum_and_heads_keep_their_own_gradients(reduction):
     model = _two_conflicting_tasks()
     ctx, calls = _context(model)
-    losses = build_combiner("pcgrad", seed=0).step(ctx)
-    torch.testing.assert_close(model.w.detach(), -0.1 * t(0.5, 1.5))  # the hand-computed projection above
+    combiner = build_combiner("pcgrad", seed=0)
+    assert combiner.reduction == "mean"  # the default (Pytorch-PCGrad e987ac6)
+    combiner.reduction = reduction
+    losses = combiner.step(ctx)
+    scale = 0.5 if reduction == "mean" else 1.0
+    torch.testing.assert_close(model.w.detach(), -0.1 * scale * t(0.5, 1.5))  # the hand-computed projection above
     torch.testing.assert_close(model.heads["sst"].detach(), torch.tensor(-0.2, dtype=torch.float64))
     torch.testing.assert_close(model.heads["qqp"].detach(), torch.tensor(0.3, dtype=torch.float64))
     assert calls["steps"] == 1 and losses == {"sst": 0.0, "qqp": 0.0}  # losses before the update
@@ -217,3 +227,57 @@ def test_every_combiner_updates_a_multitask_bert(name):
     assert all(p.grad is None for p in model.parameters())  # nothing left over for the next step
     # mean pooling leaves the pooler unused: no gradient (not a zero one), so the optimizer skips it
     assert pooler_grads and all(g is None for g in pooler_grads)
+
+
+# ------------------------------------------------------------------------------------------------ the reference
+
+def _reference_project_conflicting(grads, has_grads, orders):
+    """WeiChengTseng/Pytorch-PCGrad pcgrad.py at e987ac6, PCGrad._project_conflicting with its default
+    reduction='mean', transcribed line by line; ``orders[i]`` replaces its random.shuffle(grads) for task i (the
+    shuffle visits every task, itself included: its own original never conflicts here)."""
+    shared = torch.stack(has_grads).prod(0).bool()
+    pc_grad = [g.clone() for g in grads]
+    for i, g_i in enumerate(pc_grad):
+        for j in orders[i]:
+            g_j = grads[j]
+            g_i_g_j = torch.dot(g_i, g_j)
+            if g_i_g_j < 0:
+                g_i -= (g_i_g_j) * g_j / (g_j.norm() ** 2)
+    merged_grad = torch.zeros_like(grads[0])
+    merged_grad[shared] = torch.stack([g[shared] for g in pc_grad]).mean(dim=0)
+    merged_grad[~shared] = torch.stack([g[~shared] for g in pc_grad]).sum(dim=0)
+    return merged_grad
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_default_matches_the_reference_transcription(seed):
+    torch.manual_seed(seed)
+    grads = [torch.randn(7, dtype=torch.float64) for _ in range(3)]
+    orders = [order + (i,) for i, order in enumerate(_orders(seed))]  # minbert's draw, then the task itself
+    expected = _reference_project_conflicting(grads, [torch.ones(7)] * 3, orders)
+    torch.testing.assert_close(pcgrad(grads, torch.Generator().manual_seed(seed)), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_combiner_means_where_every_task_reaches_and_sums_elsewhere_as_the_reference():
+    """A shared parameter that only one task reaches (``v``: sst only) gets that task's gradient summed, the
+    others the mean (Pytorch-PCGrad's has_grad mask, at parameter granularity)."""
+    model = _two_conflicting_tasks()
+    model.v = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    a_v = {"sst": 4.0}
+    ctx, _ = _context(model, lr=1.0)
+    ctx.task_loss = lambda task: model.loss(task) + (a_v[task] * model.v).sum() if task in a_v else model.loss(task)
+    ctx.shared_params = [model.w, model.v]
+    grads = [torch.cat([model.a["sst"], torch.tensor([4.0], dtype=torch.float64)]),
+             torch.cat([model.a["qqp"], torch.zeros(1, dtype=torch.float64)])]
+    has = [torch.ones(3), torch.tensor([1.0, 1.0, 0.0])]
+    expected = _reference_project_conflicting(grads, has, [(1, 0), (0, 1)])
+    build_combiner("pcgrad", seed=0).step(ctx)
+    torch.testing.assert_close(torch.cat([model.w.detach(), model.v.detach()]), -expected)
+
+
+def test_gse_is_unchanged_by_the_default():
+    """GSE's PCGrad half was the mean before --pcgrad_reduction existed; the default keeps it bit for bit:
+    the mean is the same multiplication by 1/n of the same sum."""
+    grads = [torch.randn(50, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    old = pcgrad(grads, torch.Generator().manual_seed(1), "sum").mul_(1.0 / 3)
+    assert torch.equal(pcgrad(grads, torch.Generator().manual_seed(1)), old)

@@ -114,7 +114,8 @@ def test_per_group_lr_weight_decay_and_momentum():
         {"params": params[:2], "lr": 0.1, "weight_decay": 0.5},
         {"params": params[2:], "lr": 0.01, "momentum": 0.9},
     ]
-    opt = MFAC(groups, num_grads=m, damp=damp)
+    # minbert's older forms (decoupled decay, undamped momentum); the default is tests/test_mfac_reference.py
+    opt = MFAC(groups, num_grads=m, damp=damp, decoupled_weight_decay=True, dampening=0.0)
     gen = torch.Generator().manual_seed(4)
     window, buf = [], torch.zeros(20, dtype=torch.float64)
     for _ in range(6):

@@ -17,7 +17,8 @@ __all__ = ["MFAC", "MFACMemoryError", "free_memory_bytes", "parse_optim_args", "
 # Keyword arguments each optimizer accepts through optim_args.
 OPTIMIZERS: dict[str, tuple[type, tuple[str, ...]]] = {
     "adamw": (torch.optim.AdamW, ("lr", "betas", "eps", "weight_decay", "amsgrad", "foreach", "fused")),
-    "mfac": (MFAC, ("lr", "num_grads", "damp", "momentum", "weight_decay", "window_dtype", "sparsity_k", "shard_window")),
+    "mfac": (MFAC, ("lr", "num_grads", "damp", "momentum", "weight_decay", "window_dtype", "sparsity_k", "shard_window",
+                    "dampening", "decoupled_weight_decay")),
 }
 
 

@@ -23,6 +23,7 @@ OPTION_KINDS = {
     "lr": "number >= 0", "weight_decay": "number >= 0", "eps": "number >= 0", "damp": "number > 0",
     "momentum": "number >= 0", "betas": "pair", "amsgrad": "bool", "fused": "bool", "foreach": "bool",
     "shard_window": "bool", "num_grads": "positive integer", "sparsity_k": "number > 0", "window_dtype": "string",
+    "dampening": "number >= 0", "decoupled_weight_decay": "bool",
 }
 
 

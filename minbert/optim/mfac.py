@@ -31,10 +31,8 @@ O(m*d + m^3) time like the paper's sliding-window update, and the two window
 reads that are the memory floor of any exact method. The same code runs on
 CPU and CUDA.
 
-Code layout: this module holds the optimizer (the step above, the update, the
-checkpoints). The window storages and their two passes are in mfac_window.py,
-the free-memory preflight in mfac_memory.py, and the sharding of the window
-over torch.distributed ranks (with checkpoint consolidation) in mfac_shards.py.
+Code layout: the optimizer here; the window storages in mfac_window.py, the
+memory preflight in mfac_memory.py, the sharding over ranks in mfac_shards.py.
 """
 
 from __future__ import annotations
@@ -61,10 +59,14 @@ class MFAC(Optimizer):
     .. math::
         u = F^{-1} g,\quad F = \lambda I + \tfrac{1}{m}\textstyle\sum_{i=1}^{m} g_i g_i^\top,
 
-    optionally followed by heavy-ball momentum on ``u`` (``b = momentum * b + u``),
-    decoupled weight decay (``p -= lr * weight_decay * p``) and ``p -= lr * u``.
-    ``lr``, ``momentum`` and ``weight_decay`` may differ per param group;
-    ``num_grads``, ``damp``, ``window_dtype`` and ``sparsity_k`` are global.
+    optionally followed by momentum on ``u`` and ``p -= lr * u``. By default as
+    IST-DASLab/M-FAC ``optim.py`` (commit 835320e): weight decay is added to the
+    gradient before the window (``g = grad + weight_decay * p``) and momentum is
+    damped, ``v = momentum * v + (1 - momentum) * u``. Options: minbert's forms
+    before 2026-12, ``decoupled_weight_decay=True`` (``p -= lr * wd * p``, outside
+    F) and ``dampening`` (torch SGD's ``v = momentum * v + (1 - dampening) * u``;
+    None = ``momentum``; 0 = plain heavy ball). ``lr``, ``momentum``,
+    ``dampening`` and ``weight_decay`` may differ per param group; the rest is global.
 
     Args:
         params: iterable of parameters or of param-group dicts.
@@ -73,8 +75,11 @@ class MFAC(Optimizer):
         damp: dampening lambda > 0 of the empirical Fisher (paper Eq. 1). May be
             changed between steps (``opt.damp = ...``); the Gram matrix does not
             depend on it.
-        momentum: heavy-ball momentum applied to the preconditioned update.
-        weight_decay: decoupled (AdamW-style) weight decay.
+        momentum: momentum applied to the preconditioned update.
+        weight_decay: weight decay, added to the gradient (the reference's) or
+            decoupled (``decoupled_weight_decay=True``).
+        dampening: momentum's dampening (None: equal to ``momentum``, as the reference).
+        decoupled_weight_decay: decay the weights AdamW-style, outside F.
         window_dtype: storage dtype of the window (default: parameter dtype).
             ``torch.bfloat16`` halves its memory; the preconditioned vector is
             then the bf16-rounded gradient, so the update stays consistent with F.
@@ -117,6 +122,8 @@ class MFAC(Optimizer):
         check_memory: bool = True,
         process_group=None,
         shard_window: bool = True,
+        dampening: Optional[float] = None,
+        decoupled_weight_decay: bool = False,
     ):
         if not lr >= 0.0:
             raise ValueError(f"invalid lr {lr}")
@@ -130,7 +137,10 @@ class MFAC(Optimizer):
             raise ValueError(f"invalid momentum {momentum}")
         if not weight_decay >= 0.0:
             raise ValueError(f"invalid weight_decay {weight_decay}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        if dampening is not None and not 0.0 <= dampening <= 1.0:
+            raise ValueError(f"invalid dampening {dampening}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, dampening=dampening))
+        self.decoupled_weight_decay = bool(decoupled_weight_decay)
         self.num_grads = num_grads
         self.damp = float(damp)
 
@@ -228,7 +238,7 @@ class MFAC(Optimizer):
         # 1) Write the newest gradient (compressed: c) into row j. G[:filled] @ row_j is
         #    both the new row/column j of K and the Woodbury right-hand side; sharded,
         #    each rank has the dot products of its columns, so they are summed.
-        self._storage.insert(j, self._shards.local_grads())
+        self._storage.insert(j, self._window_grads())
         dots = self._shards.sum_over_ranks(self._storage.dots(j, filled))
         self._gram[j, :filled] = dots
         self._gram[:filled, j] = dots
@@ -245,6 +255,16 @@ class MFAC(Optimizer):
         self._consolidated = None
         self._apply_update()
         return loss
+
+    def _window_grads(self) -> list:
+        """This rank's gradient pieces, with ``weight_decay * p`` added unless the decay is decoupled (the
+        reference's ``tmp = p.grad + self.weight_decay * p``; a parameter without a gradient stays without)."""
+        grads = self._shards.local_grads()
+        decay = {id(p): g["weight_decay"] for g in self.param_groups for p in g["params"]}
+        if self.decoupled_weight_decay or not any(decay.values()):
+            return grads
+        return [g if g is None or not decay[id(p)] else g + decay[id(p)] * p.reshape(-1)[a:b]
+                for g, (p, a, b) in zip(grads, self._shards.pieces)]
 
     def _solve_unit(self, filled: int, j: int) -> torch.Tensor:
         """Solve (m*lambda*I + K[:filled, :filled]) y = e_j in float64."""
@@ -274,7 +294,7 @@ class MFAC(Optimizer):
         return evecs @ ((evecs[j] / evals.clamp_min(shift)))
 
     def _apply_update(self):
-        """Momentum, decoupled weight decay and p -= lr * u, per param group.
+        """Momentum, decoupled weight decay (if chosen) and p -= lr * u, per param group.
 
         Sharded, every rank applies the whole (gathered) update: identical inputs
         give identical parameters, and momentum stays as in one process."""
@@ -287,11 +307,12 @@ class MFAC(Optimizer):
             updates = self._u_views[start : start + len(params)]
             if group["momentum"] > 0:
                 bufs = self._momentum_views[start : start + len(params)]
+                dampening = group["momentum"] if group["dampening"] is None else group["dampening"]
                 torch._foreach_mul_(bufs, group["momentum"])
-                torch._foreach_add_(bufs, updates)
+                torch._foreach_add_(bufs, updates, alpha=1.0 - dampening)
                 updates = bufs
             start += len(params)
-            if group["weight_decay"] != 0:
+            if group["weight_decay"] != 0 and self.decoupled_weight_decay:
                 torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(params, updates, alpha=-group["lr"])
 
@@ -376,6 +397,10 @@ class MFAC(Optimizer):
                 )
         mfac_shards.check_loadable(saved, self._shards, self._shard_ks)
         super().load_state_dict(state_dict)
+        if any("dampening" not in g for g in self.param_groups):  # written before 2026-12: that run's own form
+            self.decoupled_weight_decay = True
+            for g in self.param_groups:
+                g.setdefault("dampening", 0.0)
         # Copy in place: keeps the preallocated (device, dtype) buffers and their views.
         self._gram.copy_(saved["gram"])
         self._storage.load_state(mfac_shards.local_columns(saved, self._shards, self._shard_ks))
