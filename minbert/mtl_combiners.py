@@ -123,8 +123,14 @@ class MethodCombiner(Combiner):
 
     def load_state_dict(self, state: dict) -> None:
         self.make(state["n_tasks"])
-        self.fn.load_state_dict(state["module"])
-        modules = dict(self.fn.named_modules())
+        modules = dict(self.fn.named_modules(remove_duplicate=False))  # GramianWeightedAggregator: 2 names
+        for key, value in state["module"].items():  # not load_state_dict: torchjd registers lazy buffers as None
+            owner, _, attr = key.rpartition(".")
+            if attr in modules[owner]._buffers:
+                modules[owner]._buffers[attr] = value.clone()
+            else:
+                with torch.no_grad():
+                    modules[owner]._parameters[attr].copy_(value)
         for name, plain in state["plain"].items():
             _load_plain_state(modules[name], plain)
 
@@ -161,7 +167,8 @@ def _load_plain_state(obj, plain: dict) -> None:
             optimizer.load_state_dict(v["adam"])
             v = optimizer
         object.__setattr__(obj, k, v) if k.startswith("_") else setattr(obj, k, v)
-    if type(obj).__name__ == "NashMTL" and obj.step > 0:  # its cvxpy problem is built at step 0: rebuild it
+    if hasattr(obj, "_init_optim_problem") and getattr(obj, "step", 0) > 0:
+        # Nash-MTL's weighting builds its cvxpy problem at step 0: rebuild it (from the restored prvs_alpha)
         obj._init_optim_problem()
 
 
