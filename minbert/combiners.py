@@ -198,11 +198,11 @@ def build_combiner(spec: str, seed: int = 0, options: dict | str | None = None) 
     path, ``package.module:ClassName`` (or ``path/to/file.py:ClassName``). ``options`` (``--combiner_args``, a JSON
     object or its text) are passed to the user class as keyword arguments, with ``seed=`` (the run's --seed, which
     seeds PCGrad's random task order) if its constructor takes a ``seed``. Mistakes are one-line ValueErrors."""
+    options = parse_combiner_args(options)
     if spec in METHODS:  # torchjd's aggregators and scalarizers (minbert.mtl_methods, minbert.mtl_combiners)
         from .mtl_combiners import build_method_combiner
 
         return build_method_combiner(spec, seed, options)
-    options = parse_combiner_args(options)
     if spec in COMBINERS:
         if options:
             raise ValueError(f"--combiner_args: the built-in combiner {spec} takes no options")

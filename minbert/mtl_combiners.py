@@ -27,20 +27,19 @@ import torch.distributed as dist
 from torch import nn
 
 from . import distributed
-from .combiners import Combiner, StepContext, _pop_flat_grad, _set_flat_grad, parse_combiner_args
 from .io import first_line
 from .mtl_methods import EXTRA, METHODS, Method, missing_solvers
 
 
 # ---------------------------------------------------------------------------------------------- building
-def build_method_combiner(name: str, seed: int, options: dict | str | None) -> Combiner:
+def build_method_combiner(name: str, seed: int, options: dict) -> MethodCombiner:
     """The combiner of ``--combiner name`` (a key of METHODS) with ``--combiner_args`` ``options``; every mistake
     is a one-line ValueError naming the flag (raised by run_config before anything is written)."""
     method = METHODS[name]
     missing = missing_solvers(method)
     if missing:
         raise ValueError(f"--combiner {name} needs {', '.join(missing)}: {EXTRA}")
-    options = dict(parse_combiner_args(options))
+    options = dict(options)  # --combiner_args, parsed by combiners.build_combiner
     own = {k: options.pop(k) for k in list(options) if k in method.extra}
     ctor_args = _constructor_args(method, options)
     cls = AggregatorCombiner if method.kind == "aggregator" else ScalarizerCombiner
@@ -83,12 +82,14 @@ def _constructor_args(method: Method, options: dict) -> dict:
     return out
 
 
-class MethodCombiner(Combiner):
+class MethodCombiner:
     """What both kinds share: the torchjd object (built for the run's number of tasks), its seeded random
-    numbers and its resumable state."""
+    numbers and its resumable state. A combiner as minbert.combiners defines it (one ``step(ctx)`` with a
+    ``combiners.StepContext``); not a subclass, so that this module and combiners.py import each other in one
+    direction only (build_combiner imports this module)."""
 
     def __init__(self, method: Method, ctor_args: dict, seed: int = 0):
-        super().__init__(seed)
+        self.seed = seed
         self.name, self.method, self.ctor_args = method.name, method, ctor_args
         self.generator = torch.Generator().manual_seed(seed)  # saved in last/ by checkpoint_state
         self.fn = None
@@ -173,10 +174,30 @@ def _load_plain_state(obj, plain: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- aggregators
+def pop_flat_grad(params: list[nn.Parameter], used: list[bool]) -> torch.Tensor:
+    """One task's row of J: the parameters' gradients as one flat vector (zeros where a parameter got none),
+    their .grad cleared; ``used[k]`` records that parameter k got a gradient from some task (as in combiners)."""
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    for k, p in enumerate(params):
+        used[k] = used[k] or p.grad is not None
+        p.grad = None
+    return flat
+
+
+def set_flat_grad(params: list[nn.Parameter], flat: torch.Tensor, used: list[bool]) -> None:
+    """Each used parameter's .grad = its slice of ``flat``; a parameter no task used (the pooler under mean
+    pooling) keeps none, so the optimizer leaves it alone, as under ``sum``."""
+    offset = 0
+    for p, u in zip(params, used):
+        if u:
+            p.grad = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+
+
 class AggregatorCombiner(MethodCombiner):
     """A torchjd aggregator on the shared encoder's Jacobian; heads keep their own task's gradient."""
 
-    def step(self, ctx: StepContext) -> dict[str, float]:
+    def step(self, ctx) -> dict[str, float]:
         self.make(len(ctx.tasks))
         losses, rows = {}, []
         used = [False] * len(ctx.shared_params)
@@ -186,7 +207,7 @@ class AggregatorCombiner(MethodCombiner):
             losses[task] = loss.item()
             del loss
             ctx.sync_grads(ctx.shared_params)  # torchrun: the Jacobian of the global batch, the same on every rank
-            rows.append(_pop_flat_grad(ctx.shared_params, used))
+            rows.append(pop_flat_grad(ctx.shared_params, used))
         jacobian = torch.stack(rows)
         del rows
         if bool(torch.isfinite(jacobian).all()):
@@ -194,7 +215,7 @@ class AggregatorCombiner(MethodCombiner):
         else:  # leave a non-finite gradient: optimizer_step skips the step (and the solvers never see NaN)
             shared = jacobian.sum(0)
         del jacobian
-        _set_flat_grad(ctx.shared_params, shared, used)
+        set_flat_grad(ctx.shared_params, shared, used)
         ctx.optimizer_step()
         return losses
 
@@ -214,7 +235,7 @@ class ScalarizerCombiner(MethodCombiner):
         own = [p for p in self.fn.parameters() if p.requires_grad] if self.method.cls != "FAMO" else []
         self.optimizer = torch.optim.Adam(own, lr=self.weights_lr) if own and self.weights_lr else None
 
-    def step(self, ctx: StepContext) -> dict[str, float]:
+    def step(self, ctx) -> dict[str, float]:
         self.make(len(ctx.tasks))
         local = torch.stack([ctx.task_loss(task) for task in ctx.tasks])  # every task's graph alive till backward
         values = _global_mean(local.detach())

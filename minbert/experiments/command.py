@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.experiment == "mtl":
         from .mtl import mtl_main
 
-        return mtl_main(p, args)
+        return mtl_main(p, args, parse_seeds(p, args.seeds), check_collect_dir)
     wanted = [k.strip() for k in args.rows.split(",") if k.strip()]
     unknown = [k for k in wanted if k not in ROW_KEYS]
     if unknown or not wanted:

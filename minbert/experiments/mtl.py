@@ -97,11 +97,11 @@ class MtlRun(PaperRun):
         atomic_write_text(self.output_dir / "results.json", json.dumps(payload, indent=2) + "\n")
 
 
-def mtl_main(p, args) -> int:
-    """``python -m minbert.experiments mtl``: --rows is a subset of the combiners (default: all of them)."""
+def mtl_main(p, args, seeds: tuple[int, ...] | None, check_collect_dir) -> int:
+    """``python -m minbert.experiments mtl`` (called by .command with its parsed --seeds and its --collect_only
+    check): --rows is a subset of the combiners (default: all of them)."""
     from pathlib import Path
 
-    from .command import check_collect_dir, parse_seeds
     from .runner import execute
 
     default_rows = p.get_default("rows")
@@ -113,7 +113,6 @@ def mtl_main(p, args) -> int:
         p.error(f"--data_dir {args.data_dir}: no such directory")
     if args.collect_only and args.overwrite_output_dir:
         p.error("--collect_only trains nothing; it cannot be combined with --overwrite_output_dir")
-    seeds = parse_seeds(p, args.seeds)
     out = Path(args.output_dir or f"runs/mtl-{args.profile}")
     check_collect_dir(p, args, out)
     run = MtlRun(args.profile, out, args.data_dir, args.device, tuple(r for r in mtl_rows() if r.key in wanted),
