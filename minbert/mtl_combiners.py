@@ -199,17 +199,19 @@ class AggregatorCombiner(MethodCombiner):
 
     def step(self, ctx) -> dict[str, float]:
         self.make(len(ctx.tasks))
-        losses, rows = {}, []
+        losses, jacobian = {}, None
         used = [False] * len(ctx.shared_params)
-        for task in ctx.tasks:
+        for i, task in enumerate(ctx.tasks):
             loss = ctx.task_loss(task)
             loss.backward()  # head grads stay in .grad; the encoder's are taken out as this task's row of J
             losses[task] = loss.item()
             del loss
             ctx.sync_grads(ctx.shared_params)  # torchrun: the Jacobian of the global batch, the same on every rank
-            rows.append(pop_flat_grad(ctx.shared_params, used))
-        jacobian = torch.stack(rows)
-        del rows
+            row = pop_flat_grad(ctx.shared_params, used)
+            if jacobian is None:  # filled row by row: no second copy of J (torch.stack of the rows would make one)
+                jacobian = row.new_empty(len(ctx.tasks), row.numel())
+            jacobian[i] = row
+            del row
         if bool(torch.isfinite(jacobian).all()):
             shared = self.seeded(self.fn, jacobian)
         else:  # leave a non-finite gradient: optimizer_step skips the step (and the solvers never see NaN)
