@@ -246,9 +246,9 @@ class ScalarizerCombiner(MethodCombiner):
             local.sum().backward()
             ctx.optimizer_step()
             return losses
-        v = values.clone().requires_grad_(True)
+        v = values.cpu().clone().requires_grad_(True)  # the scalarizer and its parameters live on the CPU
         self.seeded(lambda: self.fn(v).backward())  # dS/dL_i into v.grad; the scalarizer's own parameters' grads
-        torch.autograd.backward(local, v.grad)
+        torch.autograd.backward(local, v.grad.to(local.device))
         ok = ctx.optimizer_step()
         if ok and self.optimizer is not None:
             self.optimizer.step()
@@ -257,7 +257,7 @@ class ScalarizerCombiner(MethodCombiner):
         if ok and self.method.cls == "FAMO":  # Algorithm 1: the losses after the update, on the same batch
             # (with autograd on: SMART's ascent inside task_loss needs it; each graph is dropped at once)
             after = torch.stack([ctx.task_loss(task).detach() for task in ctx.tasks])
-            after = _global_mean(after)
+            after = _global_mean(after).cpu()
             if bool(torch.isfinite(after).all()):
                 self.fn.update(after)
         return losses
