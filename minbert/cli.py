@@ -15,6 +15,7 @@ from .config import PRESETS
 from .config_file import settable_values
 from .data import DEFAULT_TASKS, TASKS
 from .io import comma_list, read_json_file
+from . import mtl_methods
 from .metrics import format_scores  # noqa: F401  (re-exported: it lived here)
 from .run_config import MIN_SEQ_LENGTH, OPTIMIZER_NAMES, PARA_HEADS, POOLINGS, REPORT_TO, ConfigError, RunConfig
 
@@ -168,9 +169,11 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--combiner", default="individual", metavar="COMBINER",
                    help="individual (round-robin per-task steps), sum (one step on the summed loss), pcgrad "
                         "(gradient surgery), gse (a PCGrad step, then a summed-loss step), or your own class with a "
-                        "step(ctx) method by its import path (docs/multitask.md)")
+                        "step(ctx) method by its import path (docs/multitask.md); or a torchjd method: "
+                        + mtl_methods.help_text())
     g.add_argument("--combiner_args", default=None, metavar="JSON",
-                   help='keyword options of your own --combiner class, a JSON object, e.g. \'{"lr": 0.01}\'')
+                   help='keyword options of your own --combiner class or of a torchjd method, a JSON object, '
+                        'e.g. \'{"c": 0.5}\' for cagrad')
     g.add_argument("--iterations_multiplier", type=_positive_int, default=1,
                    help="an epoch has K x (smallest task's batches) steps")
     g.add_argument("--smart", action="store_true",

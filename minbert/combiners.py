@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .io import first_line, parse_json
+from .mtl_methods import METHODS
 
 
 @dataclass
@@ -215,12 +216,16 @@ def build_combiner(spec: str, seed: int = 0, options: dict | str | None = None) 
     object or its text) are passed to the user class as keyword arguments, with ``seed=`` (the run's --seed, which
     seeds PCGrad's random task order) if its constructor takes a ``seed``. Mistakes are one-line ValueErrors."""
     options = parse_combiner_args(options)
+    if spec in METHODS:  # torchjd's aggregators and scalarizers (minbert.mtl_methods, minbert.mtl_combiners)
+        from .mtl_combiners import build_method_combiner
+
+        return build_method_combiner(spec, seed, options)
     if spec in COMBINERS:
         if options:
             raise ValueError(f"--combiner_args: the built-in combiner {spec} takes no options")
         return COMBINERS[spec](seed)
     if ":" not in spec:
-        raise ValueError(f"--combiner {spec}: choose from {', '.join(COMBINERS)}, or give a class by its import path "
+        raise ValueError(f"--combiner {spec}: choose from {', '.join([*COMBINERS, *METHODS])}, or give a class by its import path "
                          "(package.module:ClassName)")
     cls = load_combiner_class(spec)
     try:

@@ -272,6 +272,8 @@ class Trainer:
 
     def end_epoch(self, epoch: int, t0: float) -> None:
         """Check the weights, evaluate on dev, keep the best epoch, save `last` (and `best`)."""
+        if callable(getattr(self.combiner, "end_epoch", None)):  # e.g. DWA: per-epoch loss averages
+            self.combiner.end_epoch()
         diff = distributed.replica_difference(self.model)
         if diff:
             log.warning("epoch %d: the ranks' parameters differ (fingerprints by up to %.3g); their updates "

@@ -9,6 +9,7 @@ import torch
 
 from minbert.cli import train_main
 from minbert.combiners import Sum, build_combiner
+from minbert.mtl_methods import METHODS
 
 from .conftest import ROOT
 from .test_cli_errors import usage_error
@@ -79,8 +80,8 @@ def test_build_combiner_passes_options_and_the_seed():
                                  "(see docs/multitask.md)"),
     (f"{__name__}:tiny_run_args", None, f"--combiner {__name__}:tiny_run_args: tiny_run_args is a function, not a class"),
     ("missing_file.py:Thing", None, "--combiner missing_file.py:Thing: no such file missing_file.py"),
-    ("median", None, "--combiner median: choose from individual, sum, pcgrad, gse, or give a class by its import "
-                     "path (package.module:ClassName)"),
+    ("median", None, f"--combiner median: choose from individual, sum, pcgrad, gse, {', '.join(METHODS)}, or give a "
+                     "class by its import path (package.module:ClassName)"),
     (f"{__name__}:Recording", "{lr: 1}", "--combiner_args (column 2): invalid JSON: Expecting property name "
                                          "enclosed in double quotes"),
     (f"{__name__}:Recording", "[1, 2]", '--combiner_args: expected a JSON object of keyword options, like '

@@ -17,8 +17,9 @@ def parser() -> argparse.ArgumentParser:
                                 description="Re-run the CS224N report's dev table (see docs/multitask.md) or the M-FAC "
                                             "cards' Adam vs M-FAC comparison (see docs/mfac.md), once per seed.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("experiment", choices=["paper", "mfac"],
-                   help="paper: every row of the report's dev table (section 5.4); mfac: Adam vs M-FAC over seeds")
+    p.add_argument("experiment", choices=["paper", "mfac", "mtl"],
+                   help="paper: every row of the report's dev table (section 5.4); mfac: Adam vs M-FAC over seeds; "
+                        "mtl: every --combiner, torchjd's methods included, on the Baseline's settings")
     p.add_argument("--profile", choices=list(PROFILES), default="quick",
                    help="full: the report's protocol (GPU); quick: about an hour on one CPU core, the report's "
                         "architecture; cpu: the package's default architecture, long enough for the rows to "
@@ -78,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would write the tables and pick rows on its own
         p.error("run python -m minbert.experiments as one process, not under torchrun (the rows run one by one)")
+    if args.experiment == "mtl":
+        from .mtl import mtl_main
+
+        return mtl_main(p, args, parse_seeds(p, args.seeds), check_collect_dir)
     try:
         wanted = comma_list(args.rows, "--rows")
     except ValueError as e:
