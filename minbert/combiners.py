@@ -176,7 +176,7 @@ class PCGrad(Combiner):
     def __init__(self, seed: int = 0, reduction: str = "mean"):
         super().__init__(seed)
         self.generator = torch.Generator().manual_seed(seed)  # the random order over the other tasks
-        self.reduction = reduction  # --pcgrad_reduction (the trainer sets it)
+        self.reduction = reduction  # --pcgrad_reduction (build_combiner sets it)
 
     def step(self, ctx: StepContext) -> dict[str, float]:
         losses = projected_shared_grad(ctx, self.generator, self.reduction)
@@ -210,11 +210,13 @@ class GSE(PCGrad):
 COMBINERS: dict[str, type[Combiner]] = {"individual": Individual, "sum": Sum, "pcgrad": PCGrad, "gse": GSE}
 
 
-def build_combiner(spec: str, seed: int = 0, options: dict | str | None = None) -> Combiner:
+def build_combiner(spec: str, seed: int = 0, options: dict | str | None = None,
+                   pcgrad_reduction: str = "mean") -> Combiner:
     """The combiner that ``--combiner`` names: a built-in one (``COMBINERS``) or a user's class given by its import
     path, ``package.module:ClassName`` (or ``path/to/file.py:ClassName``). ``options`` (``--combiner_args``, a JSON
     object or its text) are passed to the user class as keyword arguments, with ``seed=`` (the run's --seed, which
-    seeds PCGrad's random task order) if its constructor takes a ``seed``. Mistakes are one-line ValueErrors."""
+    seeds PCGrad's random task order) if its constructor takes a ``seed``. ``pcgrad_reduction``: pcgrad's and gse's
+    --pcgrad_reduction (mean or sum of the projected gradients). Mistakes are one-line ValueErrors."""
     options = parse_combiner_args(options)
     if spec in METHODS:  # torchjd's aggregators and scalarizers (minbert.mtl_methods, minbert.mtl_combiners)
         from .mtl_combiners import build_method_combiner
@@ -223,7 +225,10 @@ def build_combiner(spec: str, seed: int = 0, options: dict | str | None = None) 
     if spec in COMBINERS:
         if options:
             raise ValueError(f"--combiner_args: the built-in combiner {spec} takes no options")
-        return COMBINERS[spec](seed)
+        combiner = COMBINERS[spec](seed)
+        if isinstance(combiner, PCGrad):
+            combiner.reduction = pcgrad_reduction
+        return combiner
     if ":" not in spec:
         raise ValueError(f"--combiner {spec}: choose from {', '.join([*COMBINERS, *METHODS])}, or give a class by its import path "
                          "(package.module:ClassName)")

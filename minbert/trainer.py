@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint_state, distributed
-from .combiners import COMBINERS, PCGrad, StepContext, build_combiner
+from .combiners import StepContext, build_combiner
 from .precision import resolve_bf16
 from .progress import ProgressLog
 from .data import TaskStream, TaskTensors
@@ -98,11 +98,10 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * config.num_train_epochs
         self.optimizer = optimizer_for_run(config, model)
         self.scheduler = linear_schedule(self.optimizer, int(config.warmup_ratio * self.total_steps), self.total_steps)
-        self.combiner = build_combiner(config.combiner, config.seed, config.combiner_args)
-        self.combiner_step = self.combiner.step if config.combiner in COMBINERS else checked_step(
+        self.combiner = build_combiner(config.combiner, config.seed, config.combiner_args,
+                                       pcgrad_reduction=getattr(config, "pcgrad_reduction", "mean"))
+        self.combiner_step = self.combiner.step if ":" not in config.combiner else checked_step(
             self.combiner, config.combiner, (NonFiniteError, MemoryError))  # a user's: one line if it misbehaves
-        if isinstance(self.combiner, PCGrad):  # pcgrad / gse: --pcgrad_reduction (mean unless an old config)
-            self.combiner.reduction = getattr(config, "pcgrad_reduction", "mean")
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.shared_params = model.shared_parameters()
         self.bad_steps = 0  # non-finite steps skipped in total
@@ -272,8 +271,7 @@ class Trainer:
 
     def end_epoch(self, epoch: int, t0: float) -> None:
         """Check the weights, evaluate on dev, keep the best epoch, save `last` (and `best`)."""
-        if callable(getattr(self.combiner, "end_epoch", None)):  # e.g. DWA: per-epoch loss averages
-            self.combiner.end_epoch()
+        getattr(self.combiner, "end_epoch", lambda: None)()  # e.g. DWA: per-epoch loss averages
         diff = distributed.replica_difference(self.model)
         if diff:
             log.warning("epoch %d: the ranks' parameters differ (fingerprints by up to %.3g); their updates "
