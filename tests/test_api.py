@@ -23,6 +23,14 @@ PAIRS = [("How old are you?", "What is your age?"), ("A man plays a guitar.", "A
          ("Do you prefer to ask or answer questions on Quora?", "Do Quora users prefer to ask questions?")]
 
 
+def tiny_run_dir(tmp_path_factory, seed):
+    """A run folder holding only best/ (a tiny checkpoint perturbed with ``seed``) and an args.json."""
+    run = tmp_path_factory.mktemp("run")
+    save_tiny_checkpoint(run / "best", seed=seed)
+    (run / "args.json").write_text("{}\n")
+    return run
+
+
 def save_tiny_checkpoint(directory, tasks=("sst", "qqp", "sts"), seed=0, **config) -> None:
     """A bert-tiny MultitaskBert with every weight perturbed away from its initial value (so the heads' outputs
     differ between inputs), saved with its tokenizer like a run's best/."""

@@ -183,14 +183,16 @@ def test_gse_second_step_uses_the_updated_parameters():
     assert w.item() == 0.0
 
 
-@pytest.mark.parametrize("name", sorted(COMBINERS))
-def test_every_combiner_updates_a_multitask_bert(name):
+
+def tiny_multitask_bert(**config):
+    """A 1-layer MultitaskBert on the three tasks and one small batch per task (``config``: BertConfig overrides)."""
     from minbert.config import BertConfig
     from minbert.model import BertModel
     from minbert.multitask import MultitaskBert, MultitaskConfig
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     **config)
     model = MultitaskBert(BertModel(cfg), MultitaskConfig(tasks=["sst", "qqp", "sts"], pooling="mean"))
     g = torch.Generator().manual_seed(1)
     ids = lambda: torch.randint(1, 50, (4, 6), generator=g)  # noqa: E731
@@ -202,6 +204,12 @@ def test_every_combiner_updates_a_multitask_bert(name):
         "sts": {"input_ids": ids(), "attention_mask": ones, "input_ids_b": ids(), "attention_mask_b": ones,
                 "labels": torch.tensor([0.5, 2.0, 3.5, 5.0])},
     }
+    return model, batches
+
+
+@pytest.mark.parametrize("name", sorted(COMBINERS))
+def test_every_combiner_updates_a_multitask_bert(name):
+    model, batches = tiny_multitask_bert()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     steps, pooler_grads = [], []
 

@@ -23,7 +23,7 @@ from minbert.predict_cli import main as predict_main
 from minbert.predict_input import read_inputs
 from minbert.torch_load import load_torch_file
 
-from .test_api import save_tiny_checkpoint
+from .test_api import tiny_run_dir
 
 SEED = 22
 INVISIBLE = [" ", "\u200b", "\u200d", "\ufeff", "\x01", "\x7f", "\u0301", "\u00a0", "\u2028", "\u3000", "\u2060"]
@@ -32,10 +32,7 @@ VISIBLE = ["a", "film", "é", "?", "日", "0"]
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    save_tiny_checkpoint(run / "best", seed=5)
-    (run / "args.json").write_text("{}\n")
-    return run
+    return tiny_run_dir(tmp_path_factory, seed=5)
 
 
 @pytest.fixture(scope="module")

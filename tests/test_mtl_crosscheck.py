@@ -14,6 +14,8 @@ from torchjd.aggregation import PCGrad, Mean, Sum, UPGrad
 
 from minbert.combiners import StepContext, build_combiner, pcgrad
 
+from .test_combiners import tiny_multitask_bert
+
 
 def minbert_pcgrad_sum(grads: list[torch.Tensor]) -> torch.Tensor:
     """minbert's projection summed over tasks, asked for explicitly where the function takes a reduction."""
@@ -46,25 +48,7 @@ def test_pcgrad_matches_torchjd_pcgrad_in_the_same_task_order(order, seed, monke
 
 
 def tiny_bert():
-    from minbert.config import BertConfig
-    from minbert.model import BertModel
-    from minbert.multitask import MultitaskBert, MultitaskConfig
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = MultitaskBert(BertModel(cfg), MultitaskConfig(tasks=["sst", "qqp", "sts"], pooling="mean"))
-    g = torch.Generator().manual_seed(1)
-    ids = lambda: torch.randint(1, 50, (4, 6), generator=g)  # noqa: E731
-    ones = torch.ones(4, 6, dtype=torch.long)
-    batches = {
-        "sst": {"input_ids": ids(), "attention_mask": ones, "labels": torch.tensor([0, 1, 2, 4])},
-        "qqp": {"input_ids": ids(), "attention_mask": ones, "input_ids_b": ids(), "attention_mask_b": ones,
-                "labels": torch.tensor([0, 1, 1, 0])},
-        "sts": {"input_ids": ids(), "attention_mask": ones, "input_ids_b": ids(), "attention_mask_b": ones,
-                "labels": torch.tensor([0.5, 2.0, 3.5, 5.0])},
-    }
-    return model, batches
+    return tiny_multitask_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def step_gradients(name: str, options: str | None = None):

@@ -18,15 +18,12 @@ from minbert.output_policy import LOCK_FILE, check_output_path
 from minbert.predict_cli import main as predict_main
 
 from .conftest import ROOT
-from .test_api import save_tiny_checkpoint
+from .test_api import tiny_run_dir
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    save_tiny_checkpoint(run / "best", seed=3)
-    (run / "args.json").write_text("{}\n")
-    return run
+    return tiny_run_dir(tmp_path_factory, seed=3)
 
 
 def predict(argv, capsys):

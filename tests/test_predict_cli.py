@@ -18,15 +18,12 @@ from minbert.data import load_task
 from minbert.predict_cli import main
 
 from .conftest import ROOT
-from .test_api import readme_section, save_tiny_checkpoint
+from .test_api import readme_section, save_tiny_checkpoint, tiny_run_dir
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    save_tiny_checkpoint(run / "best", seed=1)
-    (run / "args.json").write_text("{}\n")
-    return run
+    return tiny_run_dir(tmp_path_factory, seed=1)
 
 
 @pytest.fixture(scope="module")
