@@ -14,7 +14,7 @@ import sys
 from .config import PRESETS
 from .config_file import settable_values
 from .data import DEFAULT_TASKS, TASKS
-from .io import comma_list, read_json_file
+from .io import comma_list, finite_or_null, json_text, read_json_file
 from . import mtl_methods
 from .metrics import format_scores  # noqa: F401  (re-exported: it lived here)
 from .run_config import MIN_SEQ_LENGTH, OPTIMIZER_NAMES, PARA_HEADS, POOLINGS, REPORT_TO, ConfigError, RunConfig
@@ -430,7 +430,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                     score_prediction_dir(args.compare, args.data_dir, True, args.skip_bad_rows)
                 extra["compare"] = sig.paired_comparison(dev, other, args.predictions, args.compare)
         if args.json:
-            print(json.dumps({**results, **extra}, indent=2))
+            print(json_text(finite_or_null({**results, **extra})))
             return
         print(format_scores(results) if results else "prediction files are valid; no gold labels to score them against")
         if "dev_ci" in extra:

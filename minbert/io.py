@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import stat
@@ -167,6 +168,18 @@ def json_text(value, indent: int | None = 2) -> str:
         return json.dumps(value, indent=indent, ensure_ascii=False, allow_nan=False)
     except ValueError:
         raise ValueError("refusing to write a non-finite number (NaN or infinity) as JSON") from None
+
+
+def finite_or_null(value):
+    """``value`` with every NaN or infinite float replaced by None (JSON null): for records that may legitimately
+    hold one (a skipped step's loss, a one-seed standard deviation), so the file stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,10 +1,9 @@
 """A run's metrics log: metrics.jsonl in the output directory, optionally mirrored to TensorBoard."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .io import AppendLog
+from .io import AppendLog, finite_or_null, json_text
 
 
 class MetricsLog:
@@ -43,7 +42,7 @@ class MetricsLog:
     def write(self, **record) -> None:
         if not self.enabled:
             return
-        self._log.write_line(json.dumps(record))
+        self._log.write_line(json_text(finite_or_null(record), indent=None))  # NaN loss -> null
         if self._writer_class is not None and self._tb is None:
             # A resumed run first writes {"resumed_from_step": N}: TensorBoard then hides the killed run's
             # events past step N, which the resumed run logs again.

@@ -125,3 +125,18 @@ def test_a_damaged_last_checkpoint_is_one_line_naming_the_file(finished, tmp_pat
     line = one_error_line(capsys)
     assert line.startswith(f"error: --resume: {out / 'last' / name}") and message in line, line
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before  # nothing new written
+
+
+def test_metrics_log_and_experiment_records_stay_strict_json(tmp_path):
+    """A skipped step's NaN loss (or a one-seed std) is written as null: metrics.jsonl and results files stay JSON."""
+    from minbert.io import finite_or_null, json_text
+    from minbert.metrics_log import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write(step=3, loss_sst=float("nan"), loss_qqp=0.5, dev={"sts": float("inf")})
+    log.close()
+    lines = (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    for line in lines:  # every line strict JSON
+        json.loads(line, parse_constant=lambda token: pytest.fail(f"{token} written into metrics.jsonl"))
+    assert json.loads(lines[-1]) == {"step": 3, "loss_sst": None, "loss_qqp": 0.5, "dev": {"sts": None}}
+    assert json.loads(json_text(finite_or_null({"std": [float("nan"), 1.0]}))) == {"std": [None, 1.0]}

@@ -10,12 +10,11 @@ damp 1e-6.
 """
 from __future__ import annotations
 
-import json
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, finite_or_null, json_text
 from .profiles import Row
 from .runner import is_finished, run_row
 from .stats import mean_std, paired_difference
@@ -134,4 +133,4 @@ class CardsRun:
                                for o, st in self.summary().items()},
                    "paired": {"difference": "mfac - adam", "metric": self.paired_metric(), "scores": self.paired()},
                    "runs": self.results}
-        atomic_write_text(self.output_dir / "results.json", json.dumps(payload, indent=2) + "\n")
+        atomic_write_text(self.output_dir / "results.json", json_text(finite_or_null(payload)) + "\n")

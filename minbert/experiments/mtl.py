@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, finite_or_null, json_text
 from ..mtl_methods import METHODS, missing_solvers
 from .profiles import ARCHITECTURES, BASELINE, PROFILES, ROWS, STEP_CAPS, Row
 from .runner import PaperRun, overall_by_seed
@@ -94,7 +94,7 @@ class MtlRun(PaperRun):
                    "common_flags": list(ARCHITECTURES[self.profile]), "iterations": MTL_ITERATIONS,
                    "steps_per_epoch_cap": STEP_CAPS[self.profile], "seeds": list(self.seeds) if self.seeds else None,
                    "baseline": BASELINE, "second_reference": SUM, "left_out": skipped, "rows": self.results}
-        atomic_write_text(self.output_dir / "results.json", json.dumps(payload, indent=2) + "\n")
+        atomic_write_text(self.output_dir / "results.json", json_text(finite_or_null(payload)) + "\n")
 
 
 def mtl_main(p, args, seeds: tuple[int, ...] | None, check_collect_dir) -> int:

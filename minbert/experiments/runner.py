@@ -7,7 +7,6 @@ table is continued by starting the same command again; ``overwrite`` re-runs eve
 """
 from __future__ import annotations
 
-import json
 import logging
 import shlex
 import sys
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..folder_lock import folder_lock
-from ..io import atomic_write_text, first_line
+from ..io import atomic_write_text, finite_or_null, json_text, first_line
 from ..metrics import overall_score
 from ..precision import DEFAULT_BF16
 from .profiles import BASELINE, PROFILES, ROWS, STEP_CAPS, ARCHITECTURES, Row, row_argv, same_run_key
@@ -181,7 +180,7 @@ class PaperRun:
         payload = {"experiment": "paper", "profile": self.profile, "profile_flags": list(PROFILES[self.profile]),
                    "common_flags": list(ARCHITECTURES[self.profile]), "steps_per_epoch_cap": STEP_CAPS[self.profile],
                    "seeds": list(self.seeds) if self.seeds else None, "baseline": BASELINE, "rows": self.results}
-        atomic_write_text(self.output_dir / "results.json", json.dumps(payload, indent=2) + "\n")
+        atomic_write_text(self.output_dir / "results.json", json_text(finite_or_null(payload)) + "\n")
 
 
 def execute(experiment, print_commands: bool) -> int:
