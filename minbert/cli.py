@@ -6,85 +6,19 @@ never a traceback. Set MINBERT_DEBUG=1 to see the traceback anyway.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 
 from .config import PRESETS
-from .config_file import settable_values
-from .data import DEFAULT_TASKS, TASKS
-from .io import comma_list, finite_or_null, json_text, read_json_file
+from .config_file import apply_config_file  # noqa: F401  (re-exported: --config, as train_main reads it)
+from .data import DEFAULT_TASKS
+from .flag_types import (_bf16, _nonneg_float, _nonneg_int, _pair_encoding, _positive_int,  # noqa: F401
+                         _smart_projection, _tasks)
+from .io import finite_or_null, json_text
 from . import mtl_methods
 from .metrics import format_scores  # noqa: F401  (re-exported: it lived here)
 from .run_config import MIN_SEQ_LENGTH, OPTIMIZER_NAMES, PARA_HEADS, POOLINGS, REPORT_TO, ConfigError, RunConfig
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
-
-
-def _tasks(text: str) -> list[str]:
-    try:
-        tasks = comma_list(text, "task list")  # the one rule of list flags: no empty or repeated item
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    bad = [t for t in tasks if t not in TASKS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown task {', '.join(bad)!r} (choose from {', '.join(TASKS)})")
-    return tasks
-
-
-def _pair_encoding(text: str) -> str:
-    from .multitask import format_pair_encoding, parse_pair_encoding
-
-    try:
-        return format_pair_encoding(parse_pair_encoding(text))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _smart_projection(text: str) -> str:
-    """--smart_projection: the legacy name ``none`` (MT-DNN 0d6201e, minbert's default before 2026-12) is
-    library_early; any other value goes to argparse's choices check unchanged."""
-    from .smart import LEGACY_PROJECTIONS
-
-    return LEGACY_PROJECTIONS.get(text, text)
-
-
-def _bf16(text: str) -> str:
-    from .precision import parse_bf16
-
-    try:
-        return parse_bf16(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -267,96 +201,6 @@ def _run_user_command(fn, user_errors: tuple[type[BaseException], ...] = ()) -> 
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-def apply_config_file(p: argparse.ArgumentParser, argv: list[str] | None) -> dict[str, str]:
-    """``--config FILE.json``: its keys (flag names without dashes) become the parser's defaults, so flags on
-    the command line still win. Each value must have its flag's JSON type and goes through its flag's own type
-    and choices checks; a null is kept for RunConfig.validate (allowed where the flag's default is null). A
-    run's args.json is a valid config file; minbert.config_file decides which of its keys are used (not
-    ``overwrite_output_dir``, ``resume``, ``trust_combiner_code``, ``config``).
-    Returns {key: FILE} for the keys the file set and the command line did not."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    path = pre.parse_known_args(argv)[0].config
-    if not path:
-        return {}
-
-    def fail(msg: str):
-        p.exit(2, f"error: {msg}\n")
-
-    try:
-        values = read_json_file(path, finite=False)  # a NaN is named with its key below; a FIFO is refused at once
-    except ValueError as e:  # DataError: one line naming the file (and line)
-        fail(f"--config {e}")
-    if not isinstance(values, dict):
-        fail(f"--config {path}: expected a JSON object of flag names and values")
-    actions = {a.dest: a for a in p._actions if a.option_strings and a.dest not in ("help", "config")}
-    defaults = {}
-    try:
-        values = settable_values(values, path)  # overwrite_output_dir, resume...: the command line's only
-    except ValueError as e:
-        fail(str(e))
-    for key, value in values.items():
-        action = actions.get(key)
-        if action is None:
-            fail(f"{path}: unknown key {key!r} (not a flag of {p.prog})")
-        if action.nargs == 0:  # an on/off flag (store_true)
-            if not isinstance(value, bool):
-                fail(f"{path}: {key}: expected true or false, got {json.dumps(value)}")
-            defaults[key] = value
-            continue
-        if value is None:
-            defaults[key] = None
-            continue
-        many = action.nargs in ("+", "*") or isinstance(action.nargs, int)  # the flag takes several words
-        expected = _json_type_problem(action, value, many)
-        if expected:
-            fail(f"{path}: {key}: expected {expected}, got {json.dumps(value)}")
-        if many:
-            texts = [str(v) for v in value] if isinstance(value, list) else [str(value)]
-        else:  # a list for a one-word flag is its comma-separated form (--tasks sst,qqp)
-            texts = [",".join(map(str, value)) if isinstance(value, list) else str(value)]
-        converted = []
-        for text in texts:
-            try:
-                converted.append(action.type(text) if action.type else text)
-            except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
-                fail(f"{path}: {key}: {e}")
-            if action.choices is not None and converted[-1] not in action.choices:
-                fail(f"{path}: {key}: {converted[-1]!r} is not one of {', '.join(map(str, action.choices))}")
-        defaults[key] = converted if many else converted[0]
-    p.set_defaults(**defaults)
-    given = _given_on_command_line(p, argv)
-    return {key: path for key in defaults if key not in given}
-
-
-def _json_type_problem(action: argparse.Action, value, many: bool) -> str | None:
-    """What a config value should have been, if its JSON type does not suit the flag (None if it does)."""
-    if action.type in (int, float, _positive_int, _nonneg_int, _nonneg_float):
-        ok = isinstance(value, (int, float, str)) and not isinstance(value, bool)
-        return None if ok else "a number"
-    scalar_ok = isinstance(value, str) or (action.type is _bf16 and isinstance(value, bool))  # older args.json
-    if many or action.dest == "tasks":  # several words, or a list for a comma-separated flag
-        ok = scalar_ok or (isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
-                                                           for v in value))
-        return None if ok else "a string or a list of strings"
-    return None if scalar_ok else "a string"
-
-
-def _given_on_command_line(p: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
-    """The flags the command line itself sets (the parse that counts has already succeeded)."""
-    actions = [a for a in p._actions if a.dest != "help"]
-    saved = [a.default for a in actions], dict(p._defaults)
-    for a in actions:
-        a.default = argparse.SUPPRESS
-    p._defaults.clear()
-    try:
-        return set(vars(p.parse_known_args(argv)[0]))
-    finally:
-        for a, default in zip(actions, saved[0]):
-            a.default = default
-        p._defaults.update(saved[1])
 
 
 def train_main(argv: list[str] | None = None) -> int:
