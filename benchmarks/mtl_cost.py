@@ -35,7 +35,8 @@ def one(name: str, steps: int, samples: int, data_dir: str, bf16: str) -> dict:
     from minbert.data import tensorize
     from minbert.experiments.mtl import MTL_ARGS
     from minbert.tokenizer import load_tokenizer
-    from minbert.train import Trainer, build_model, load_datasets
+    from minbert.run import build_model, load_datasets
+    from minbert.trainer import Trainer
 
     torch.set_num_threads(1)
     extra = ["--combiner_args", json.dumps(MTL_ARGS[name])] if name in MTL_ARGS else []

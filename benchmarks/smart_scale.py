@@ -35,7 +35,7 @@ from minbert.cli import train_parser  # noqa: E402
 from minbert.data import load_task, tensorize  # noqa: E402
 from minbert.smart import SMART_PROJECTIONS, adversarial_perturbation, divergence  # noqa: E402
 from minbert.tokenizer import load_tokenizer, pad_token_id  # noqa: E402
-from minbert.train import build_model  # noqa: E402
+from minbert.run import build_model  # noqa: E402
 
 
 def load(model_name: str, data_dir: str, tasks: list[str], examples: int, seed: int = 0):

@@ -1,7 +1,7 @@
 """Multitask loss combiners: how one training step turns per-task losses into parameter updates.
 
 A combiner is a small strategy object with one method, ``step(ctx)``, called once per training step by the
-single training loop in ``minbert.train`` (torchjd / LibMTL style: no copy of the loop per strategy).
+single training loop in ``minbert.trainer`` (torchjd / LibMTL style: no copy of the loop per strategy).
 The loop hands it a :class:`StepContext`: a closure computing a task's loss on this step's batch (SMART
 included when enabled) and a closure applying one optimizer update (clipping and the non-finite guard
 included). The combiner decides which losses to back-propagate and when to step.

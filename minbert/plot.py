@@ -4,7 +4,7 @@
     python -m minbert.plot --experiments results.json --out bars.png  # overall score of each experiment row
                                                                       # (error bars: std over seeds)
 
-Curves come from each run's metrics.jsonl (minbert.train.MetricsLog): training records carry ``step`` and
+Curves come from each run's metrics.jsonl (minbert.metrics_log.MetricsLog): training records carry ``step`` and
 ``loss_<task>`` (mean over the last --logging_steps steps) and ``lr``; epoch records carry ``dev`` scores.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ from .conftest import ROOT
 
 PACKAGE = ROOT / "minbert"
 TRAINING_RUN = ("run.py", "run_config.py", "trainer.py", "checkpoint_state.py", "output_dir.py", "metrics_log.py",
-                "train.py", "optim/build.py")
+                "optim/build.py")
 
 
 def module_name(path: Path) -> str:

@@ -19,7 +19,8 @@ from minbert.data import TASKS, Example, TaskData, load_task, tensorize
 from minbert.multitask import MultitaskBert, MultitaskConfig, format_pair_encoding, parse_pair_encoding
 from minbert.pooling import pool
 from minbert.tokenizer import load_tokenizer, pad_token_id
-from minbert.train import Trainer, build_model
+from minbert.run import build_model
+from minbert.trainer import Trainer
 
 from .test_cli_errors import usage_error
 from .test_resume import assert_same_weights, last_step, run_cli, train_argv

@@ -628,7 +628,7 @@ def test_non_regular_prediction_file(small_data, valid_predictions, tmp_path, ta
 
 HELPER = r"""
 import json, os, runpy, sys, traceback
-import minbert.cli, minbert.train, minbert.predict  # imported once; each case is a fork of this process
+import minbert.cli, minbert.run, minbert.predict  # imported once; each case is a fork of this process
 
 for request in sys.stdin:
     case = json.loads(request)

@@ -29,7 +29,7 @@ METRICS = ("sst", "qqp", "sts", "overall")
 
 def train_entry_point():
     """The function that trains one run from parsed train_multitask.py arguments (the one place it is imported)."""
-    from ..train import run
+    from ..run import run
 
     return run
 
