@@ -4,7 +4,8 @@ from collections import Counter
 
 import pytest
 
-from minbert import train as train_module
+from minbert.run import run
+from minbert.trainer import Trainer
 from minbert.cli import train_parser
 from minbert.data import TASKS
 
@@ -26,20 +27,20 @@ def uneven_data(tmp_path):
 
 def test_iterations_multiplier_semantics(uneven_data, tmp_path, monkeypatch):
     seen: list[dict[str, list[int]]] = []  # per step: the training examples each task's batch holds
-    original = train_module.Trainer.train_step
+    original = Trainer.train_step
 
     def recording_train_step(self, step):
         assert step == len(seen)  # the loop numbers its steps 0, 1, 2, ... across epochs
         seen.append({t: list(self.streams[t].indices(step)) for t in self.tasks})
         return original(self, step)
 
-    monkeypatch.setattr(train_module.Trainer, "train_step", recording_train_step)
+    monkeypatch.setattr(Trainer, "train_step", recording_train_step)
     args = train_parser().parse_args([
         "--model_name_or_path", "bert-tiny", "--data_dir", str(uneven_data), "--iterations_multiplier", str(K),
         "--per_device_train_batch_size", str(BATCH), "--num_train_epochs", str(EPOCHS), "--combiner", "sum",
         "--output_dir", str(tmp_path / "run"),
     ])
-    train_module.run(args)
+    run(args)
 
     steps_per_epoch = K * min(-(-n // BATCH) for n in SIZES.values())  # K x smallest task's batches = 2 x 3
     assert steps_per_epoch == 6
@@ -72,11 +73,11 @@ def test_iterations_multiplier_semantics(uneven_data, tmp_path, monkeypatch):
 
 def test_steps_per_epoch_is_capped_by_max_steps_per_epoch(uneven_data, tmp_path, monkeypatch):
     counted = []
-    monkeypatch.setattr(train_module.Trainer, "train_step", lambda self, step: counted.append(step) or {})
+    monkeypatch.setattr(Trainer, "train_step", lambda self, step: counted.append(step) or {})
     args = train_parser().parse_args([
         "--model_name_or_path", "bert-tiny", "--data_dir", str(uneven_data), "--iterations_multiplier", "3",
         "--per_device_train_batch_size", str(BATCH), "--num_train_epochs", "1", "--max_steps_per_epoch", "4",
         "--output_dir", str(tmp_path / "run"),
     ])
-    train_module.run(args)
+    run(args)
     assert counted == [0, 1, 2, 3]  # min(3 x 3, 4)
