@@ -9,24 +9,23 @@ from .data import TASKS
 from .io import comma_list
 
 
-def _positive_int(text: str) -> int:
+def _integer(text: str, least: int) -> int:
+    """An integer flag's value, at least ``least``."""
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    if v < least:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}" if least == 1 else f"must be >= {least}, got {v}")
     return v
+
+
+def _positive_int(text: str) -> int:
+    return _integer(text, 1)
 
 
 def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+    return _integer(text, 0)
 
 
 def _nonneg_float(text: str) -> float:
