@@ -34,7 +34,7 @@ from .precision import resolve_bf16
 from .predict import prediction_path, write_predictions
 from .run_config import RunConfig
 from .tokenizer import load_tokenizer, pad_token_id
-from .trainer import NonFiniteError, Trainer, amp_dtype, check_finite_weights
+from .trainer import NonFiniteError, Trainer, amp_dtype
 
 log = logging.getLogger("minbert")
 
@@ -155,7 +155,6 @@ def _run(config: RunConfig, device: torch.device) -> dict[str, float]:
         missing = [t for t in config.tasks if t not in model.heads]
         if missing:
             raise ValueError(f"--checkpoint {config.checkpoint} has no head for task(s) {', '.join(missing)}")
-        check_finite_weights(model, f"--checkpoint {config.checkpoint}")
     else:
         model = build_model(config)
     check_position_limit(tokenizer, model, source)
