@@ -131,3 +131,31 @@ def test_a_row_the_training_checks_refuse_is_named_before_anything_is_created(tm
     with pytest.raises(RunnerError, match=r"^baseline: --seed: must be in \[0, 4294967295\], got -5"):
         preflight([(SMOKE[0], None, argv)], overwrite=False)
     assert not (tmp_path / "paper").exists()
+
+
+def test_two_runners_share_a_table_folder(tmp_path, small_data, capsys):
+    """docs/results.md runs one runner per core on disjoint --rows in one --output_dir: the table folder is not
+    locked (each run locks its own folder), so a second runner proceeds while another holds the folder."""
+    from minbert.folder_lock import folder_lock
+
+    out = tmp_path / "paper"
+    for _, _, argv in _commands(out, small_data):
+        _fake_finished(argv)
+    with folder_lock(out):  # stands for another runner's lifetime (flock conflicts across open files)
+        assert main(["paper", "--profile", "smoke", "--rows", "baseline", "--data_dir", str(small_data),
+                     "--output_dir", str(out), "--bf16", "off", "--device", "cpu"]) == 0
+    assert [r["key"] for r in json.loads((out / "results.json").read_text())["rows"]] == ["baseline"]
+
+
+def test_a_run_folder_in_use_is_one_line(tmp_path, small_data, capsys, caplog):
+    """A run another process is training (its folder locked) is that run's one-line error, not a traceback."""
+    from minbert.folder_lock import folder_lock
+
+    out = tmp_path / "paper"
+    (out / "baseline").mkdir(parents=True)
+    with folder_lock(out / "baseline"):
+        code = main(["paper", "--profile", "smoke", "--rows", "baseline", "--data_dir", str(small_data),
+                     "--output_dir", str(out), "--bf16", "off", "--device", "cpu"])
+    err = capsys.readouterr().err + caplog.text
+    assert code != 0 and "Traceback" not in err
+    assert "baseline failed: --output_dir" in err and "in use by another minbert process" in err

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..folder_lock import folder_lock
 from ..io import atomic_write_text, finite_or_null, json_text, first_line
 from ..metrics import overall_score
 from ..precision import DEFAULT_BF16
@@ -195,9 +194,11 @@ def execute(experiment, print_commands: bool) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     try:
-        with folder_lock(experiment.output_dir):  # one runner per table folder (each run locks its own folder too)
-            preflight(experiment.commands(), experiment.overwrite)  # nothing trained if a run folder cannot be used
-            experiment.run()
+        # No lock on the table folder: one runner per core on disjoint --rows is the documented way to use both
+        # cores (docs/results.md). Each run locks its own folder (train_multitask.py), and the table files are
+        # written atomically; a last --collect_only reads every finished run back.
+        preflight(experiment.commands(), experiment.overwrite)  # nothing trained if a run folder cannot be used
+        experiment.run()
     except RunnerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
