@@ -69,7 +69,21 @@ def setting_differences(saved: dict, config) -> list[str]:
     saved = current_settings(saved, saved=True)  # an older minbert's names and defaults (smart_projection none)
     now = json.loads(json.dumps(settings(config), default=str))
     return [f"--{k} {saved[k]} (now {now[k]})" for k in now
-            if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+            if k in saved and k not in RESUME_MAY_CHANGE and not _same_value(k, saved[k], now[k])]
+
+
+# Settings that name a folder: "data" and "/home/me/project/data" are the same setting when they are the same
+# folder (relative paths are taken from the current directory, where the runner and --resume run).
+PATH_SETTINGS = ("data_dir", "model_name_or_path")
+
+
+def _same_value(key: str, saved, now) -> bool:
+    if saved == now:
+        return True
+    if key in PATH_SETTINGS and isinstance(saved, str) and isinstance(now, str):
+        a, b = Path(saved), Path(now)
+        return a.exists() and b.exists() and a.resolve() == b.resolve()
+    return False
 
 
 def check_same_settings(config, saved_args: Path) -> None:

@@ -159,3 +159,15 @@ def test_a_run_folder_in_use_is_one_line(tmp_path, small_data, capsys, caplog):
     err = capsys.readouterr().err + caplog.text
     assert code != 0 and "Traceback" not in err
     assert "baseline failed: --output_dir" in err and "in use by another minbert process" in err
+
+
+def test_the_same_data_folder_spelled_otherwise_is_the_same_setting(tmp_path, small_data, monkeypatch, capsys):
+    """--data_dir is compared as a folder, not as text: a run recorded with a relative path is reused when the
+    runner names the same folder by its absolute path (and a different folder is still refused, above)."""
+    monkeypatch.chdir(small_data.parent)
+    out = tmp_path / "paper"
+    for _, _, argv in _commands(out, small_data.name):  # recorded as "data0", relative to the current directory
+        _fake_finished(argv)
+    assert main(["paper", "--profile", "smoke", "--rows", "baseline", "--data_dir", str(small_data.resolve()),
+                 "--output_dir", str(out), "--bf16", "off", "--device", "cpu"]) == 0
+    assert json.loads((out / "results.json").read_text())["rows"][0]["runs"][0]["reused"] is True
