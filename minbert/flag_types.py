@@ -4,6 +4,7 @@ argparse.ArgumentTypeError with what is wrong. Shared by the training, predictio
 from __future__ import annotations
 
 import argparse
+import math
 
 from .data import TASKS
 from .io import comma_list
@@ -33,7 +34,9 @@ def _nonneg_float(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v >= 0:
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return v
 

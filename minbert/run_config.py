@@ -179,6 +179,15 @@ class RunConfig:
         from_file = any(k in self.from_file for k in (key, *others))
         raise ConfigError(f"{self.where(key, value)}{sep}{what}", from_file)
 
+    def fail_with(self, key: str, message: str):
+        """Raise a ConfigError from a message that may already name the flag (``--key ...``): the flag is named
+        once, as ``--key`` or as ``FILE: key`` if a config file set it."""
+        flag = f"--{key}"
+        after = message[len(flag):len(flag) + 1]
+        named = message.startswith(flag) and not (after.isalnum() or after == "_")
+        rest = message[len(flag):] if named else f": {message}"
+        raise ConfigError(f"{self.where(key)}{rest}", key in self.from_file)
+
     def validate(self) -> "RunConfig":
         """Check everything that can be checked before a file is read or written; raise ConfigError."""
         self._check_types()
@@ -274,9 +283,7 @@ class RunConfig:
                 check_interface(combiner, self.combiner)
         except ValueError as e:  # the message names the flag already
             key = "combiner_args" if str(e).startswith("--combiner_args") else "combiner"
-            if key in self.from_file:
-                self.fail(key, str(e))
-            raise ConfigError(str(e)) from None
+            self.fail_with(key, str(e))
 
     def _check_paths(self) -> None:
         if not os.path.isdir(self.data_dir):
@@ -325,7 +332,7 @@ class RunConfig:
         try:
             check_optim_args(self.optim, self.optim_args)
         except ValueError as e:
-            self.fail("optim_args", str(e).splitlines()[0])
+            self.fail_with("optim_args", str(e).splitlines()[0])
 
 
 def _is_instance(value, base) -> bool:

@@ -37,7 +37,7 @@ def usage_error(main, argv, capsys) -> str:
     (["--per_device_eval_batch_size", "x"], "argument --per_device_eval_batch_size: 'x' is not an integer"),
     (["--learning_rate=-1e-4"], "argument --learning_rate: must be >= 0, got -1e-4"),
     (["--learning_rate", "-1e-4"], "argument --learning_rate: expected one argument"),  # looks like a flag
-    (["--learning_rate", "nan"], "argument --learning_rate: must be >= 0, got nan"),
+    (["--learning_rate", "nan"], "argument --learning_rate: must be a finite number, got nan"),
     (["--save_steps", "-1"], "argument --save_steps: must be >= 0, got -1"),
     (["--max_bad_steps", "-1"], "argument --max_bad_steps: must be >= 0, got -1"),
     (["--num_train_epochs", "0"], "argument --num_train_epochs: must be positive, got 0"),

@@ -82,3 +82,24 @@ def test_unreadable_config_is_a_one_line_error(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: --config {path}")
         assert err[0].endswith("file not found") or "invalid JSON" in err[0], err
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"combiner_args": "{"}, "combiner_args (column 2): invalid JSON"),
+    ({"optim_args": "lr: x"}, "optim_args: lr: expected a finite number"),
+    ({"learning_rate": "nan"}, "learning_rate: must be a finite number, got nan"),
+    ({"smart_eta": "inf"}, "smart_eta: must be a finite number, got inf"),
+])
+def test_a_config_value_is_named_once_as_the_files_key(tmp_path, small_data, capsys, content, message):
+    """A value a --config file set is named as FILE: key, once (not also as --key), however deep the check that
+    refuses it; a non-finite number is "not finite", not "below 0"."""
+    config = write_json(tmp_path / "c.json", content)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        train_main(["--config", config, "--data_dir", str(small_data), "--output_dir", str(out),
+                    "--model_name_or_path", "bert-tiny"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    key = next(iter(content))
+    assert f"{tmp_path / 'c.json'}: {message}" in err[0] and f"--{key}" not in err[0], err[0]
+    assert not out.exists()
