@@ -187,12 +187,10 @@ class BertModel(nn.Module):
     def from_pretrained(cls, name_or_path: str | Path, add_pooling_layer: bool = True) -> "BertModel":
         """Load a preset name (``minilm-l6`` has weights; the others initialize randomly) or a directory in the
         Hugging Face layout (config.json + model.safetensors, or pytorch_model.bin)."""
-        directory = resolve_model_dir(name_or_path)
+        directory = check_model_dir(name_or_path)
         if directory is None:  # a preset without weights
             config = BertConfig(**{**PRESETS[str(name_or_path)].__dict__, "add_pooling_layer": add_pooling_layer})
             return cls(config)
-        if (directory / "multitask.json").is_file() and not (directory / "heads.safetensors").is_file():
-            raise _minbert_folder(directory, "checkpoint")  # its tensors are encoder.* / heads.*: not "missing"
         config = BertConfig.from_json(directory / "config.json")
         config.add_pooling_layer = add_pooling_layer
         weights_file, hf_state = load_state_dict_file(directory)  # read (and its shapes checked) before allocating
@@ -349,6 +347,21 @@ def resolve_model_dir(name_or_path: str | Path) -> Path | None:
     if not os.path.lexists(path / "config.json"):  # one that is there but unreadable is named when it is read
         raise ValueError(f"{path}: no config.json (expected a Hugging Face model directory)")
     return path
+
+
+def check_model_dir(name_or_path: str | Path) -> Path | None:
+    """:func:`resolve_model_dir`, and what can be told from the folder's layout without reading a weight: not a
+    minbert checkpoint (a run's best/ or last/), and a weights file present. Run before the data is read
+    (RunConfig.validate), so a wrong --model_name_or_path costs no wait."""
+    directory = resolve_model_dir(name_or_path)
+    if directory is None:
+        return None
+    if (directory / "multitask.json").is_file() and not (directory / "heads.safetensors").is_file():
+        raise _minbert_folder(directory, "checkpoint")  # its tensors are encoder.* / heads.*: not "missing"
+    if not any(os.path.lexists(directory / n) for n in ("model.safetensors", "pytorch_model.bin")):
+        raise ValueError(f"{directory}: no model.safetensors nor pytorch_model.bin (expected a Hugging Face model "
+                         f"directory)")
+    return directory
 
 
 def _minbert_folder(path: Path, kind: str) -> ValueError:

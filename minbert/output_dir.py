@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from .data import TASKS
+from .legacy_settings import current_settings
 from .io import TEMP_SUFFIX, published_dir, read_json_file, remove_stale_temps
 
 # What a run writes in --output_dir (--overwrite_output_dir removes these, and nothing else, before starting).
@@ -64,8 +65,6 @@ def setting_differences(saved: dict, config) -> list[str]:
     """The flags that change the trained weights (all but RESUME_MAY_CHANGE) whose value in a run's recorded
     settings ``saved`` (its args.json) differs from ``config``'s, as ``--key SAVED (now NOW)``. Flags absent from
     ``saved`` came with a newer minbert (their defaults cannot have been used) and are skipped."""
-    from .run_config import current_settings  # lazy: run_config imports this module's callers
-
     saved = current_settings(saved, saved=True)  # an older minbert's names and defaults (smart_projection none)
     now = json.loads(json.dumps(settings(config), default=str))
     return [f"--{k} {saved[k]} (now {now[k]})" for k in now

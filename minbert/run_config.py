@@ -21,10 +21,12 @@ from typing import ClassVar
 from .combiners import COMBINERS, build_combiner
 from .config import PRESETS, BertConfig
 from .data import TASKS
+from .model import check_model_dir
 from .heads import DEFAULT_PARA_HEAD, DEFAULT_STS_HEAD, STS_HEADS, pair_head_conflict
 from .multitask import parse_pair_encoding, resolve_checkpoint
 from .precision import BF16_MODES
-from .smart import LEGACY_PROJECTIONS, SMART_PROJECTIONS
+from .legacy_settings import current_settings
+from .smart import SMART_PROJECTIONS
 from .user_combiner import check_interface
 
 # Choices of the flags that take one of a few words (the parser's `choices` come from here too).
@@ -50,28 +52,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pooling": POOLINGS, "sts_head": tuple(STS_HEADS), "para_head": PARA_HEADS, "bf16": BF16_MODES, "smart_projection": SMART_PROJECTIONS,
     "optim": OPTIMIZER_NAMES, "report_to": REPORT_TO, "pcgrad_reduction": ("mean", "sum"),
 }
-# Values an older minbert wrote to args.json, by their current names: --config and --resume read old runs with
-# these, so an old run's args.json loads and resumes with the behaviour it was trained with.
-LEGACY_SETTINGS: dict[str, dict[str, str]] = {"smart_projection": LEGACY_PROJECTIONS}
-
-
-# What a run got for a flag its args.json lacks (written before the flag existed), from its other settings:
-# --combiner pcgrad stepped on the PCGrad sum, gse on the mean, before --pcgrad_reduction.
-LEGACY_DEFAULTS = {"pcgrad_reduction": lambda saved: "sum" if saved.get("combiner") == "pcgrad" else "mean"}
-
-
-def current_settings(values: dict, saved: bool = False) -> dict:
-    """``values`` (flag -> value, e.g. an args.json) with legacy values renamed (:data:`LEGACY_SETTINGS`);
-    ``saved``: an args.json, whose missing flags get what that run used (:data:`LEGACY_DEFAULTS`)."""
-    out = dict(values)
-    for key, renames in LEGACY_SETTINGS.items():
-        if isinstance(out.get(key), str):
-            out[key] = renames.get(out[key], out[key])
-    if saved:
-        out.update({key: old(out) for key, old in LEGACY_DEFAULTS.items() if key not in out})
-    return out
-
-
 class ConfigError(ValueError):
     """A setting is wrong; ``from_file`` says whether the message names a config file (else a flag)."""
 
@@ -291,6 +271,11 @@ class RunConfig:
         name = self.model_name_or_path
         if name not in PRESETS and not os.path.isdir(name):
             self.fail("model_name_or_path", f"not a preset ({', '.join(PRESETS)}) nor a directory", name)
+        if name not in PRESETS and not self.predict_only:  # the folder's layout, before any data is read
+            try:
+                check_model_dir(name)
+            except ValueError as e:
+                self.fail("model_name_or_path", str(e).splitlines()[0])
         if self.predict_only:  # a checkpoint, or a run's output directory (its best/)
             try:
                 self.checkpoint = str(resolve_checkpoint(self.checkpoint))

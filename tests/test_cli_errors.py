@@ -119,3 +119,22 @@ def test_real_interpreter_one_line_errors(tmp_path):
     assert r.returncode == 1
     assert r.stderr == f"error: {tmp_path / 'data' / 'ids-sst-train.csv'}: file not found\n"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"multitask.json": "{}", "config.json": "{}", "model.safetensors": ""}, "a minbert checkpoint, not a Hugging Face"),
+    ({"config.json": "{}"}, "no model.safetensors nor pytorch_model.bin"),
+    ({"args.json": "{}"}, "a minbert run folder, not a Hugging Face"),
+])
+def test_a_wrong_model_folder_is_named_before_any_data_is_read(tmp_path, capsys, layout, message):
+    """--model_name_or_path's folder layout is checked with the other settings: the data folder here is empty,
+    so reading it first would have been the error instead."""
+    model, data = tmp_path / "model", tmp_path / "data"
+    model.mkdir()
+    data.mkdir()
+    for name, text in layout.items():
+        (model / name).write_text(text)
+    line = usage_error(train_main, ["--model_name_or_path", str(model), "--data_dir", str(data),
+                                    "--output_dir", str(tmp_path / "out")], capsys)
+    assert line.startswith(f"--model_name_or_path: {model}: {message}"), line
+    assert not (tmp_path / "out").exists()

@@ -200,7 +200,7 @@ def test_ascent_loss_is_summed_over_the_batch_as_the_references():
 
 def test_resume_and_config_read_the_legacy_name(tmp_path):
     from minbert.output_dir import check_same_settings
-    from minbert.run_config import current_settings
+    from minbert.legacy_settings import current_settings
 
     assert current_settings({"smart_projection": "none", "seed": 1}) == {"smart_projection": "library_early",
                                                                           "seed": 1}
