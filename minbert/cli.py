@@ -233,7 +233,10 @@ def evaluate_parser() -> argparse.ArgumentParser:
     g.add_argument("--ci", action="store_true",
                    help="add a 95%% bootstrap confidence interval to every dev score (each task's dev examples "
                         "resampled, fixed seed, 2000 resamples); a task needs 2 dev rows at least, and below 30 "
-                        "(significance.MIN_RELIABLE) a warning says its interval is unreliable")
+                        "(significance.MIN_RELIABLE) a warning says its interval is unreliable. The predictions of a "
+                        "run's best epoch were chosen on these dev rows, so their score and its interval are "
+                        "optimistic (results.json keeps the last epoch's as dev_last); a one-epoch run, like the "
+                        "experiments' rows, had no such choice")
     g.add_argument("--compare", metavar="B", default=None,
                    help="a second prediction folder over the same dev examples: the paired difference "
                         "PREDICTIONS - B of every dev score, its 95%% paired-bootstrap interval and p-value")

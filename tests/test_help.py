@@ -50,3 +50,13 @@ def test_help_is_complete_and_grouped(name, capsys, monkeypatch):
 def test_python_dash_m_entry_points(module):
     done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("usage:")
+
+
+def test_evaluate_help_says_a_dev_selected_score_is_optimistic(capsys):
+    """Issue 20, item 4: the best epoch is chosen on dev, so its dev score (and an interval on it) is optimistic."""
+    from minbert.cli import evaluate_main
+
+    with pytest.raises(SystemExit):
+        evaluate_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "optimistic" in text and "dev_last" in text and "one-epoch run" in text
