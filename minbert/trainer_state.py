@@ -59,10 +59,11 @@ class ResumableState:
             raise StateDoesNotFit("position", f"has {pos['steps_per_epoch']} steps/epoch and {pos['total_steps']} in "
                                               f"all, this run {self.steps_per_epoch} and {self.total_steps}; resume "
                                               "with the same data and flags")
+        load_component = checkpoint_state.load_component_state
         for part, load in (("optimizer", lambda: self.optimizer.load_state_dict(state["optimizer"])),
                            ("scheduler", lambda: self.scheduler.load_state_dict(state["scheduler"])),
-                           ("combiner", lambda: checkpoint_state.load_component_state(self.combiner, state["combiner"])),
-                           ("smart", lambda: checkpoint_state.load_component_state(self.smart, state["smart"]))):
+                           ("combiner", lambda: load_component(self.combiner, state["combiner"])),
+                           ("smart", lambda: load_component(self.smart, state["smart"]))):
             try:
                 load()
             except LOAD_ERRORS as e:

@@ -23,10 +23,10 @@ STATEFUL = ["--combiner", "pcgrad", "--optim", "mfac", "--optim_args", "num_grad
 
 
 def make_trainer(small_data, out) -> Trainer:
-    args = RunConfig.from_namespace(train_parser().parse_args(["--model_name_or_path", "bert-tiny", "--seed", "5", "--max_seq_length", "32",
-                                      "--per_device_train_batch_size", "4", "--max_steps_per_epoch", "2",
-                                      "--num_train_epochs", "2", "--save_steps", "1", "--bf16", "off",
-                                                                  *STATEFUL]))
+    argv = ["--model_name_or_path", "bert-tiny", "--seed", "5", "--max_seq_length", "32", "--bf16", "off",
+            "--per_device_train_batch_size", "4", "--max_steps_per_epoch", "2", "--num_train_epochs", "2",
+            "--save_steps", "1", *STATEFUL]
+    args = RunConfig.from_namespace(train_parser().parse_args(argv))
     tokenizer = load_tokenizer("bert-tiny", 32)
     model = build_model(args)
     data = {split: {t: tensorize(load_task(t, split, small_data, max_samples=8), tokenizer, model.config.encoding(t))
