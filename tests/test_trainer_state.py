@@ -129,3 +129,33 @@ def test_the_access_check_finds_a_planted_access():
 def test_checkpoint_state_reaches_the_trainer_only_through_its_state_dict():
     source = (ROOT / "minbert" / "checkpoint_state.py").read_text(encoding="utf-8")
     assert trainer_accesses(source) == []
+
+
+# ------------------------------------------------------------------------------------------ last/ on disk
+# The files of last/ and their keys as d915111 wrote them: a last/ of that version resumes with this one.
+LAST_FILES = ["config.json", "model.safetensors", "multitask.json", "optimizer.pt", "tokenizer.json",
+              "trainer_state.json", "training_state.pt"]
+POSITION_KEYS = ["global_step", "epochs_done", "steps_per_epoch", "total_steps", "best", "bad_steps", "bad_in_a_row",
+                 "running", "epoch_examples", "epoch_seconds", "world_size"]
+
+
+def test_last_keeps_its_layout_and_restores_the_state_dict(small_data, tmp_path, one_thread):
+    import json
+
+    trainer = make_trainer(small_data, tmp_path / "run")
+    trainer.model.train()
+    trainer.train_step(0)
+    trainer.global_step = 1
+    trainer.save_last()
+    last = tmp_path / "run" / "last"
+    assert sorted(p.name for p in last.iterdir()) == LAST_FILES
+    assert list(json.loads((last / "trainer_state.json").read_text())) == POSITION_KEYS
+    assert list(torch.load(last / "training_state.pt", weights_only=True)) == ["scheduler", "rng", "combiner", "smart"]
+    saved = trainer.state_dict()
+
+    fresh = make_trainer(small_data, tmp_path / "fresh")
+    fresh.out_dir = tmp_path / "run"
+    fresh.restore(last)
+    assert fresh.last_saved_step == 1 and fresh.best_state is None
+    assert_same({**fresh.state_dict(), "rng": None}, {**saved, "rng": None})
+    assert_same(fresh.model.state_dict(), trainer.model.state_dict(), "weights")
