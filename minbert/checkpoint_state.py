@@ -4,8 +4,9 @@ OUTPUT_DIR/best (the best epoch's weights).
 ``last`` holds the weights (model.safetensors, with the configs and tokenizer), the optimizer state
 (optimizer.pt), the scheduler, random generators and combiner/regularizer state (training_state.pt), and the
 loop's position and counters (trainer_state.json). Every directory is written beside the old one and swapped
-in whole (minbert.io.replace_dir). The functions here read and write a :class:`minbert.trainer.Trainer`'s
-state; reading checks every file first and names the one that is damaged or belongs to another run.
+in whole (minbert.io.replace_dir). The files hold a :meth:`minbert.trainer.Trainer.state_dict` (declared in
+minbert/trainer_state.py) and the weights: this module reaches the trainer only through state_dict() and
+load_state_dict(). Reading checks every file first and names the one that is damaged or belongs to another run.
 """
 from __future__ import annotations
 
@@ -74,59 +75,50 @@ def load_component_state(obj, state: dict) -> None:
         obj.load_state_dict(state["state"])
 
 
+class StateDoesNotFit(ValueError):
+    """A part of a state_dict (``position``, ``optimizer``, ``scheduler``, ``combiner``, ``smart``) that this
+    trainer cannot take; restore() names the file it came from."""
+
+    def __init__(self, part: str, what: str):
+        super().__init__(f"{part}: {what}")
+        self.part, self.what = part, what
+
+
+def own_rng(state: dict) -> dict:
+    """This process's random generators in a state_dict: under torchrun each rank continues its own stream."""
+    per_rank = state.get("rng_per_rank")
+    return per_rank[distributed.rank()] if per_rank else state["rng"]
+
+
 # ------------------------------------------------------------------------------------------------- writing
-def save_last(trainer) -> None:
-    """Write everything needed to continue bit-identically to ``out_dir/last`` (swapped in whole).
-
-    Skipped while non-finite steps are being skipped, so `last` always follows a good update.
-    """
-    t = trainer
-    if t.bad_in_a_row:
-        return
-    best = None
-    if t.best_state is not None:
-        best = {"score": t.best_score, "epoch": t.best_epoch, "step": t.best_step, "dev": t.best_scores}
-    state = {
-        "global_step": t.global_step, "epochs_done": t.global_step // t.steps_per_epoch,
-        "steps_per_epoch": t.steps_per_epoch, "total_steps": t.total_steps, "best": best,
-        "bad_steps": t.bad_steps, "bad_in_a_row": t.bad_in_a_row, "running": t.running,
-        "epoch_examples": t.epoch_examples, "epoch_seconds": t.epoch_seconds,
-        "world_size": distributed.world_size(),
-    }
-    extra = {"scheduler": t.scheduler.state_dict(), "rng": rng_state(),
-             "combiner": component_state(t.combiner), "smart": component_state(t.smart)}
-    if distributed.world_size() > 1:  # each rank's own random state (dropout), for a bit-identical resume
-        extra["rng_per_rank"] = distributed.all_gather_object(extra["rng"])
-        if callable(getattr(t.optimizer, "consolidate_state_dict", None)):
-            # An optimizer whose state is sharded over the ranks (M-FAC's window, torch's
-            # ZeroRedundancyOptimizer) gathers it on rank 0, whose state_dict() then holds all of it.
-            t.optimizer.consolidate_state_dict(to=0)
-    if not distributed.is_main():  # under torchrun only rank 0 writes; every rank holds the same state
-        t.last_saved_step = t.global_step
-        return
-
-    def write(d: Path) -> None:
-        t.model.save(d, t.tokenizer)
-        atomic_save(d / "optimizer.pt", lambda p: torch.save(t.optimizer.state_dict(), p))
-        atomic_save(d / "training_state.pt", lambda p: torch.save(extra, p))
-        atomic_write_text(d / "trainer_state.json", json_text(state) + "\n")
-
-    replace_dir(t.out_dir / "last", write)
-    t.last_saved_step = t.global_step
-
-
-def save_best(trainer) -> None:
-    """Write the best epoch's weights (the model's current ones) to ``out_dir/best``, tagged with its step."""
-    t = trainer
+def save_last(directory: Path, state: dict, model, tokenizer) -> None:
+    """Write a :meth:`minbert.trainer.Trainer.state_dict` and the model to ``directory`` (`last`), swapped in
+    whole: the position to trainer_state.json, the optimizer to optimizer.pt, the rest to training_state.pt.
+    Under torchrun only rank 0 writes (every rank holds the same state; rank 0's holds every rank's rng)."""
     if not distributed.is_main():
         return
-    tag = {"epoch": t.best_epoch, "step": t.best_step, "dev": t.best_scores}
+    extra = {k: state[k] for k in (*TRAINING_STATE_KEYS, "rng_per_rank") if k in state}
 
     def write(d: Path) -> None:
-        t.model.save(d, t.tokenizer)
+        model.save(d, tokenizer)
+        atomic_save(d / "optimizer.pt", lambda p: torch.save(state["optimizer"], p))
+        atomic_save(d / "training_state.pt", lambda p: torch.save(extra, p))
+        atomic_write_text(d / "trainer_state.json", json_text(state["position"]) + "\n")
+
+    replace_dir(directory, write)
+
+
+def save_best(directory: Path, model, tokenizer, tag: dict) -> None:
+    """Write the best epoch's weights (the model's current ones) to ``directory`` (`best`), tagged with its
+    epoch, step and dev scores (best.json)."""
+    if not distributed.is_main():
+        return
+
+    def write(d: Path) -> None:
+        model.save(d, tokenizer)
         atomic_write_text(d / "best.json", json_text(tag) + "\n")
 
-    replace_dir(t.out_dir / "best", write)
+    replace_dir(directory, write)
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -203,22 +195,19 @@ def _torch_load(path: Path):
         raise ValueError(f"--resume: {first_line(e)}") from None
 
 
-def restore(trainer, directory: Path) -> None:
-    """Continue from a `last` checkpoint: weights, optimizer, scheduler, RNGs (set when train() starts, after
-    everything that draws random numbers while building the run), position, best epoch, counters.
-    Every file is read and checked before the trainer changes."""
-    t = trainer
+def restore(trainer, directory: Path, model: torch.nn.Module, device, tokenizer,
+            best_dir: Path) -> dict[str, torch.Tensor] | None:
+    """Continue from a `last` checkpoint: read and check every file, then load the weights into ``model`` and
+    the rest into ``trainer`` through ``trainer.load_state_dict`` (nothing changes before every file is read).
+    Returns the best epoch's weights (None before the first epoch ended): the current ones if `last` is the
+    best epoch (rewriting ``best_dir`` if a kill came between the two), else ``best_dir``'s."""
     state = read_trainer_state(directory / "trainer_state.json")
     if state.get("world_size", 1) != distributed.world_size():
         raise ValueError(f"--resume: {directory} was written by a run of {state.get('world_size', 1)} process(es), "
                          f"this one has {distributed.world_size()}; resume with the same torchrun --nnodes and "
                          "--nproc_per_node (the global batch depends on them)")
-    if (state["steps_per_epoch"], state["total_steps"]) != (t.steps_per_epoch, t.total_steps):
-        raise ValueError(f"--resume: {directory} has {state['steps_per_epoch']} steps/epoch and "
-                         f"{state['total_steps']} in all, this run {t.steps_per_epoch} and {t.total_steps}; "
-                         "resume with the same data and flags")
     check_positions(state, directory / "trainer_state.json")
-    model_state = read_weights(directory / "model.safetensors", t.model, t.device)
+    model_state = read_weights(directory / "model.safetensors", model, device)
     optim_state = _torch_load(directory / "optimizer.pt")
     if not isinstance(optim_state, dict) or "param_groups" not in optim_state:
         raise DamagedCheckpoint(directory / "optimizer.pt", "not an optimizer state")
@@ -226,43 +215,33 @@ def restore(trainer, directory: Path) -> None:
     extra = _torch_load(extra_path)
     if not isinstance(extra, dict) or any(k not in extra for k in TRAINING_STATE_KEYS):
         raise DamagedCheckpoint(extra_path, "not a training state (scheduler, rng, combiner, smart)")
-    per_rank = extra.get("rng_per_rank")  # torchrun: each rank continues its own random stream
-    rng = per_rank[distributed.rank()] if per_rank else extra["rng"]
     now = rng_state()
     try:  # setting it once checks it; the generators go back to where they were until train() starts
-        set_rng_state(rng)
+        set_rng_state(own_rng(extra))
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
         raise DamagedCheckpoint(extra_path, f"rng: {first_line(e)}") from None
     finally:
         set_rng_state(now)
 
-    t.model.load_state_dict(model_state)
-    for path, load in ((directory / "optimizer.pt", lambda: t.optimizer.load_state_dict(optim_state)),
-                       (extra_path, lambda: (t.scheduler.load_state_dict(extra["scheduler"]),
-                                             load_component_state(t.combiner, extra["combiner"]),
-                                             load_component_state(t.smart, extra["smart"])))):
-        try:
-            load()
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
-            raise DamagedCheckpoint(path, f"does not fit this run: {first_line(e)}") from None
-    t._rng_to_restore = rng
-    t.global_step = t.last_saved_step = state["global_step"]
-    t.bad_steps, t.bad_in_a_row = state["bad_steps"], state["bad_in_a_row"]
-    t.running = {task: list(state["running"].get(task, [])) for task in t.tasks}
-    t.epoch_examples, t.epoch_seconds = state["epoch_examples"], state["epoch_seconds"]
+    try:
+        trainer.load_state_dict({"position": state, "optimizer": optim_state, **extra})
+    except StateDoesNotFit as e:
+        if e.part == "position":
+            raise ValueError(f"--resume: {directory} {e.what}") from None
+        raise DamagedCheckpoint(directory / "optimizer.pt" if e.part == "optimizer" else extra_path,
+                                f"does not fit this run: {e.what}") from None
+    model.load_state_dict(model_state)
     best = state["best"]
     if best is None:
-        return
-    t.best_score, t.best_epoch, t.best_step, t.best_scores = best["score"], best["epoch"], best["step"], best["dev"]
-    best_dir = published_dir(t.out_dir / "best")
-    tag = read_json(best_dir / "best.json") if best_dir is not None else None
+        return None
+    published = published_dir(best_dir)
+    tag = read_json(published / "best.json") if published is not None else None
     tag_step = tag.get("step") if isinstance(tag, dict) else None
-    if best["step"] == t.global_step:  # the best epoch is the one `last` holds
-        t.best_state = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+    if best["step"] == state["global_step"]:  # the best epoch is the one `last` holds
         if tag_step != best["step"]:  # killed between writing `last` and `best`
-            save_best(t)
-    elif tag_step == best["step"]:
-        t.best_state = read_weights(best_dir / "model.safetensors", t.model, t.device)
-    else:
-        raise ValueError(f"--resume: {t.out_dir / 'best'} does not hold the best epoch ({best['epoch']}) "
-                         f"recorded in {directory}; start over with --overwrite_output_dir")
+            save_best(best_dir, model, tokenizer, {"epoch": best["epoch"], "step": best["step"], "dev": best["dev"]})
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if tag_step == best["step"]:
+        return read_weights(published / "model.safetensors", model, device)
+    raise ValueError(f"--resume: {best_dir} does not hold the best epoch ({best['epoch']}) recorded in {directory}; "
+                     "start over with --overwrite_output_dir")

@@ -31,6 +31,7 @@ from .metrics_log import MetricsLog
 from .multitask import MultitaskBert
 from .optim.build import linear_schedule, optimizer_for_run
 from .tokenizer import pad_token_id
+from .trainer_state import ResumableState
 from .user_combiner import checked_step
 
 log = logging.getLogger("minbert")
@@ -81,7 +82,10 @@ def check_finite_weights(model: torch.nn.Module, when: str) -> None:
                              "try a lower --learning_rate")
 
 
-class Trainer:
+class Trainer(ResumableState):
+    """The training loop; its resumable state (state_dict, load_state_dict) and checkpoints (save_last,
+    save_best, restore) are declared in minbert/trainer_state.py."""
+
     def __init__(self, config, model: MultitaskBert, train: dict[str, TaskTensors], dev: dict[str, TaskTensors],
                  device: torch.device, tokenizer, out_dir: Path, metrics: MetricsLog | None):
         self.args, self.model, self.dev, self.device = config, model, dev, device
@@ -305,16 +309,7 @@ class Trainer:
         save and stop together."""
         return self.stop_requested if distributed.world_size() == 1 else self._stop_agreed
 
-    # ------------------------------------------------------------------------------------------ checkpoints
-    def save_last(self) -> None:
-        checkpoint_state.save_last(self)
-
-    def save_best(self) -> None:
-        checkpoint_state.save_best(self)
-
-    def restore(self, directory: Path) -> None:
-        checkpoint_state.restore(self, directory)
-
+    # ------------------------------------------------------------------------------------------ stopping
     def _interrupted(self) -> TrainingInterrupted:
         return TrainingInterrupted(f"stopped after step {self.global_step}; {self.out_dir / 'last'} holds step "
                                    f"{self.last_saved_step}: continue with the same flags and --resume")

@@ -12,8 +12,8 @@ from minbert.run_config import RunConfig
 from .conftest import ROOT
 
 PACKAGE = ROOT / "minbert"
-TRAINING_RUN = ("run.py", "run_config.py", "trainer.py", "checkpoint_state.py", "output_dir.py", "metrics_log.py",
-                "optim/build.py")
+TRAINING_RUN = ("run.py", "run_config.py", "trainer.py", "trainer_state.py", "checkpoint_state.py", "output_dir.py",
+                "metrics_log.py", "optim/build.py")
 
 
 def module_name(path: Path) -> str:
