@@ -185,20 +185,26 @@ NOT_PARSED = {
 }
 
 
-def check_words(words: list[str]) -> str:
-    """Check one simple command with its entry point's parser; returns what it was (for the coverage test)."""
+def entry_point(words: list[str]):
+    """(name, check, its arguments) of the entry point a simple command runs, or ("not parsed", None, None)."""
     full = " ".join(words)
     if words[:1] in (["python"], ["python3"]):
         words = words[1:]
     for prefix, check in ENTRY_POINTS.items():
         if tuple(words[: len(prefix)]) == prefix:
-            check(words[len(prefix):])
-            return " ".join(prefix)
+            return " ".join(prefix), check, words[len(prefix):]
     for prefix in NOT_PARSED:
         if full.startswith(prefix) or (words[:1] and words[0].startswith(prefix)):
-            return "not parsed"
+            return "not parsed", None, None
     raise AssertionError(f"a documented command that no test checks: {full!r} (add it to ENTRY_POINTS or "
                          "NOT_PARSED in tests/test_docs.py)")
+
+
+def check_words(words: list[str]) -> None:
+    """Check one simple command with its entry point's parser (Refused when it refuses it)."""
+    _, check, argv = entry_point(words)
+    if check is not None:
+        check(argv)
 
 
 def documented_commands() -> list[tuple[str, str]]:
@@ -213,9 +219,23 @@ def documented_commands() -> list[tuple[str, str]]:
 COMMANDS = documented_commands()
 
 
+@pytest.fixture(scope="module")
+def reader_folder(tmp_path_factory):
+    """The folder a reader runs the documented commands from: the clone's data/ and examples/, the docs' own data
+    folder (my_data), and the args.json of earlier runs that a --config names."""
+    d = tmp_path_factory.mktemp("reader")
+    for name in ("data", "examples"):
+        (d / name).symlink_to(ROOT / name)
+    (d / "my_data").symlink_to(ROOT / "data")
+    for run in ("main", "default"):
+        (d / "runs" / run).mkdir(parents=True)
+        (d / "runs" / run / "args.json").write_text("{}\n")
+    return d
+
+
 @pytest.mark.parametrize("where,command", COMMANDS, ids=[f"{w}-{i}" for i, (w, _) in enumerate(COMMANDS)])
-def test_documented_command_parses(where, command, monkeypatch):
-    monkeypatch.chdir(ROOT)  # data/, examples/ as the README's reader has them
+def test_documented_command_parses(where, command, reader_folder, monkeypatch):
+    monkeypatch.chdir(reader_folder)
     for words in split_commands(command):
         try:
             check_words(words)
@@ -224,7 +244,7 @@ def test_documented_command_parses(where, command, monkeypatch):
 
 
 def test_every_entry_point_is_documented_and_checked():
-    seen = {check_words(w) for _, c in COMMANDS for w in split_commands(c)} - {"not parsed"}
+    seen = {entry_point(w)[0] for _, c in COMMANDS for w in split_commands(c)} - {"not parsed"}
     # every entry point has at least one documented command (torchrun's script is checked as well)
     assert {"train_multitask.py", "evaluate.py", "-m minbert.experiments", "minbert-predict", "torchrun"} <= seen
     assert any(p in seen for p in ("minbert-export", "-m minbert.export"))
@@ -244,8 +264,8 @@ def test_every_entry_point_is_documented_and_checked():
     ("torchrun --nproc_per_node=2 train_multitask.py --lerning_rate 1e-4", "--lerning_rate"),
     ("torchrun --nproc-per-nod=2 train_multitask.py", "--nproc-per-nod"),
 ])
-def test_the_checker_refuses_a_misspelled_flag(command, message, monkeypatch):
-    monkeypatch.chdir(ROOT)
+def test_the_checker_refuses_a_misspelled_flag(command, message, reader_folder, monkeypatch):
+    monkeypatch.chdir(reader_folder)
     with pytest.raises(Refused, match=re.escape(message)):
         for words in split_commands(command):
             check_words(words)
