@@ -243,6 +243,13 @@ def test_documented_command_parses(where, command, reader_folder, monkeypatch):
             pytest.fail(f"{where}: {command}\n{e}")
 
 
+def test_no_command_hides_in_an_untagged_block():
+    """A block without a language is not parsed above: a command of an entry point must be in a bash block."""
+    hidden = [f"{path.relative_to(ROOT)}:{line}" for path in DOCS for lang, line, text in blocks(path)
+              if not lang and re.match(r"\s*(\$ )?(\S+=\S+ )*(python3? |torchrun |minbert-|/usr/bin/time )", text)]
+    assert not hidden, hidden
+
+
 def test_every_entry_point_is_documented_and_checked():
     seen = {entry_point(w)[0] for _, c in COMMANDS for w in split_commands(c)} - {"not parsed"}
     # every entry point has at least one documented command (torchrun's script is checked as well)
@@ -336,3 +343,29 @@ def test_cheap_python_blocks_run(tmp_path, monkeypatch, one_thread):
         if "minbert.load(" in code:
             assert isinstance(namespace.get("model"), minbert.InferenceModel), where
     assert any(w.startswith("README.md") for w in ran) and any(w.startswith("docs/prediction.md") for w in ran)
+
+
+# ---- links ----
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces as dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_docs_resolve():
+    """Sections moved between README.md and docs/: every relative link names a file and a heading that exist."""
+    broken = []
+    for path in DOCS:
+        text = FENCE.sub("", path.read_text(encoding="utf-8"))
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file, _, frag = target.partition("#")
+            dest = (path.parent / file) if file else path
+            if not dest.exists():
+                broken.append(f"{path.relative_to(ROOT)}: {target}")
+            elif frag and dest.suffix == ".md":
+                headings = re.findall(r"^#+ (.*)$", FENCE.sub("", dest.read_text(encoding="utf-8")), flags=re.M)
+                if frag not in {anchor(h) for h in headings}:
+                    broken.append(f"{path.relative_to(ROOT)}: {target}")
+    assert not broken, broken
