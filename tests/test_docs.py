@@ -384,3 +384,16 @@ def test_links_between_the_docs_resolve():
                 if frag not in {anchor(h) for h in headings}:
                     broken.append(f"{path.relative_to(ROOT)}: {target}")
     assert not broken, broken
+
+
+def test_the_readme_opens_with_the_main_job_and_the_ci_test_command():
+    """The README's first block holds the two commands of a fresh machine; its test command is .ci/run, whose
+    pytest line is the one the README's comment names."""
+    lang, _, first = blocks(ROOT / "README.md")[0]
+    commands = shell_commands(first)
+    assert lang == "bash" and len(commands) == 2
+    assert "train_multitask.py --skip_bad_rows --output_dir runs/main" in commands[0]
+    assert commands[1] == "bash .ci/run"
+    named = re.search(r"`(python -m pytest [^`]+)`", first).group(1)
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("python -m pytest")]
+    assert ci == [named]
