@@ -303,7 +303,8 @@ NOT_RUN = {
     ("docs/mfac.md", "opt.consolidate_state_dict(to=0)"): "a fragment of a torchrun program (a process group, "
                                                           "'...' for the training)",
     ("docs/multitask.md", "# python bench_step.py"): "times training steps of minilm-l6 on the shipped data (minutes)",
-    ("docs/results.md", "# row_cost.py"): "times every kind of row and a full dev/test prediction of minilm-l6 (minutes)",
+    ("docs/results.md", "# row_cost.py"): "times every kind of row and a full dev/test prediction of minilm-l6 "
+                                          "(minutes)",
 }
 # What a fragment refers to without defining it: the tiny objects it runs with.
 FIXTURES = {
