@@ -1,5 +1,5 @@
 """minbert.load / InferenceModel: the same predictions as the training run's prediction path, from a checkpoint, a
-run directory and an exported folder; batched, bf16, embeddings; and the README's Python example runs as written."""
+run directory and an exported folder; batched, bf16, embeddings; and docs/prediction.md's Python example runs as written."""
 from __future__ import annotations
 
 import os
@@ -146,23 +146,23 @@ def test_sst_only_checkpoint_has_no_pair_heads(tmp_path):
         m.predict_paraphrase(PAIRS)
 
 
-def readme_section(title: str) -> str:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def doc_section(title: str, doc: str = "docs/prediction.md") -> str:
+    text = (ROOT / doc).read_text(encoding="utf-8")
     start = text.index(f"\n## {title}")
     end = text.find("\n## ", start + 1)
     return text[start : end if end >= 0 else None]
 
 
-def test_readme_python_example_runs(tmp_path, monkeypatch, one_thread):
-    """The README's Python code blocks of the API section run as written, against a tiny runs/main/best."""
-    blocks = re.findall(r"```python\n(.*?)```", readme_section("Use a trained model"), flags=re.S)
-    assert blocks, "the README section has no python code block"
+def test_documented_python_example_runs(tmp_path, monkeypatch, one_thread):
+    """The Python code blocks of docs/prediction.md's API section run as written, against a tiny runs/main/best."""
+    blocks = re.findall(r"```python\n(.*?)```", doc_section("Use a trained model"), flags=re.S)
+    assert blocks, "the docs/prediction.md section has no python code block"
     save_tiny_checkpoint(tmp_path / "runs" / "main" / "best")
     (tmp_path / "runs" / "main" / "args.json").write_text("{}\n")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), namespace)
+        exec(compile(block, "docs/prediction.md", "exec"), namespace)
     assert isinstance(namespace.get("model"), minbert.InferenceModel)
     assert os.getcwd() == str(tmp_path)
 

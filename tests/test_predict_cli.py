@@ -18,7 +18,7 @@ from minbert.data import load_task
 from minbert.predict_cli import main
 
 from .conftest import ROOT
-from .test_api import readme_section, save_tiny_checkpoint, tiny_run_dir
+from .test_api import doc_section, save_tiny_checkpoint, tiny_run_dir
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +145,10 @@ def test_checkpoint_mistakes_are_one_line(tmp_path, capsys):
                                  "directory with best/\n")
 
 
-def test_readme_commands_run(tmp_path, small_data, monkeypatch, capsys, one_thread):
-    """The README's minbert-predict commands, run as written from a folder holding a tiny runs/main and the data."""
-    section = readme_section("Use a trained model")
+def test_documented_commands_run(tmp_path, small_data, monkeypatch, capsys, one_thread):
+    """docs/prediction.md's minbert-predict commands, run as written from a folder holding a tiny runs/main and the
+    data."""
+    section = doc_section("Use a trained model")
     commands = [line for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
                 for line in block.splitlines() if line.startswith("minbert-predict ")]
     assert len(commands) >= 4
