@@ -1,4 +1,4 @@
-"""Which recorded keys a ``--config FILE.json`` may carry (the decision of issue 22, documented in README.md).
+"""Which recorded keys a ``--config FILE.json`` may carry (the decision of issue 22, documented in docs/training.md).
 
 A run's args.json records every flag, so that it can be reused with ``--config``. Three of them are decisions
 about one invocation, not settings of a run, and reusing them would let a shared or copied file act for the user:

@@ -16,7 +16,7 @@ import torch
 BF16_MODES = ("auto", "on", "off")
 # What --bf16 means when not given, in training, --predict_only, minbert-predict, minbert.load and the experiments
 # runner: bfloat16 where the device computes it natively, float32 elsewhere. The main job scored the same to three
-# decimals in both precisions with the same seed, at 2.2x the training speed in bf16 (issue #24, README).
+# decimals in both precisions with the same seed, at 2.2x the training speed in bf16 (issue #24, docs/results.md).
 DEFAULT_BF16 = "auto"
 # /proc/cpuinfo flags of native bfloat16 arithmetic: x86 AVX512-BF16 and AMX-BF16, Arm's BF16 extension.
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")

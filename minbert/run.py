@@ -210,7 +210,7 @@ def _train_and_predict(config, model, trainer, tensors, out, resume_from, device
         checkpoint = str(out / "best") if published_dir(out / "best") is not None and trainer.best_state is not None else None
     results = {"dev": scores, "wall_seconds": round(wall, 1), "bf16": config.bf16, "predictions": str(pred_dir),
                "checkpoint": checkpoint}
-    if trainer is not None:  # "dev" is the best epoch's, chosen on dev: an optimistic score (README)
+    if trainer is not None:  # "dev" is the best epoch's, chosen on dev: an optimistic score (docs/training.md)
         results.update(dev_best_epoch=trainer.best_epoch, epochs=config.num_train_epochs)
         if trainer.last_scores:  # unknown only if a resume came after the last epoch's evaluation
             results["dev_last"] = trainer.last_scores

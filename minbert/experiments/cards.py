@@ -37,7 +37,7 @@ CARD_SETTINGS: dict[str, dict[str, tuple[str, ...]]] = {
         "smoke": ("--model_name_or_path", "bert-tiny", "--max_train_samples", "32", "--max_eval_samples", "16",
                   "--per_device_train_batch_size", "8", "--num_train_epochs", "1"),
     },
-    # (b) the multitask benchmark: the main job's model (README defaults) with one step on the summed loss, so each
+    # (b) the multitask benchmark: the main job's model (train_multitask.py's defaults) with one step on the summed loss, so each
     # M-FAC window row is one full multitask gradient.
     "multitask": {
         "common": ("--model_name_or_path", "minilm-l6", "--combiner", "sum", "--learning_rate", "1e-4",

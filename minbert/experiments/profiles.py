@@ -163,7 +163,7 @@ def bf16_native(device: str = "auto") -> bool:
 def use_bf16(row: Row, profile: str, device: str, mode: str = DEFAULT_BF16) -> bool:
     """--bf16 for this row? ``mode`` auto (the default, as in train_multitask.py): in every profile where the device
     computes bf16 natively and train_multitask.py accepts it (SMART rows only if it accepts ``--smart --bf16``), like
-    the main job (about 2x faster on CPUs with AVX512-BF16/AMX, same scores: README); on: wherever
+    the main job (about 2x faster on CPUs with AVX512-BF16/AMX, same scores: docs/results.md); on: wherever
     train_multitask.py accepts it; off: never."""
     accepted = "--smart" not in row.flags or smart_accepts_bf16()
     if mode == "on":
