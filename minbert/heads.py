@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tasks import HEAD_ORDER, TASKS
+from .tasks import TASKS, head_order
 
 
 class SSTHead(nn.Module):
@@ -229,9 +229,7 @@ def build_heads(hidden: int, tasks: list[str], sts_head: str = "linear", dropout
     if sts_head not in STS_HEADS:
         raise ValueError(f"unknown --sts_head {sts_head!r} (choose from {', '.join(STS_HEADS)})")
     heads = nn.ModuleDict()
-    for task in HEAD_ORDER:  # a fixed order: each head draws its initial weights from the seeded generator
-        if task not in tasks:
-            continue
+    for task in head_order(tasks):  # a fixed order: each head draws its initial weights from the seeded generator
         spec = TASKS[task]
         if task in cross:
             heads[task] = CROSS_HEADS[task](hidden, dropout=dropout)

@@ -96,9 +96,16 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
 # The CS224N multitask benchmark: what --tasks means when not given, and the tasks of the overall score.
 DEFAULT_TASKS = tuple(name for name, spec in TASKS.items() if spec.leaderboard)
 LEADERBOARD_TASKS = DEFAULT_TASKS
-# Single-sentence tasks first, then pair tasks: the order heads are built in (parameter initialization draws
-# from the seeded generator in this order) and the order of minbert-predict's --task choices.
-HEAD_ORDER = tuple([t for t, s in TASKS.items() if not s.is_pair] + [t for t, s in TASKS.items() if s.is_pair])
+
+
+def head_order(names) -> list[str]:
+    """``names`` (tasks of the registry) single-sentence tasks first, then pair tasks, each in registry order: the
+    order heads are built in (parameter initialization draws from the seeded generator in this order)."""
+    chosen = [t for t in TASKS if t in names]
+    return [t for t in chosen if not TASKS[t].is_pair] + [t for t in chosen if TASKS[t].is_pair]
+
+
+HEAD_ORDER = tuple(head_order(TASKS))  # also the order of minbert-predict's --task choices
 
 
 def get_task(name: str) -> TaskSpec:

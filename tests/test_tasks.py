@@ -1,5 +1,8 @@
 """The task registry (minbert/tasks.py): the one place the package names its tasks."""
 import ast
+import json
+import subprocess
+import sys
 import pytest
 
 from minbert.heads import build_heads
@@ -99,3 +102,38 @@ def test_heads_follow_the_registry():
     assert list(heads) == list(HEAD_ORDER)
     assert {t: h.classifier.out_features for t, h in heads.items() if TASKS[t].head == "sentiment"} == {
         t: TASKS[t].num_labels for t in TASKS if TASKS[t].head == "sentiment"}
+
+
+ADD_A_TASK = r'''
+import dataclasses, json, shutil, sys
+from pathlib import Path
+import minbert.tasks as T
+
+# A new task, as one more TASKS entry would declare it: a 5-class single-sentence task on copies of the SST files.
+toy = dataclasses.replace(T.TASKS["sst"], name="toy", output_prefix="toy", leaderboard=False, table_label="Toy acc",
+                          files={s: f"toy-{s}.csv" for s in ("train", "dev", "test")})
+T.TASKS["toy"] = toy
+data, out = Path(sys.argv[1]), Path(sys.argv[2])
+for split, name in toy.files.items():
+    shutil.copy(data / T.TASKS["sst"].files[split], data / name)
+from minbert.cli import train_main
+assert train_main(["--model_name_or_path", "bert-tiny", "--data_dir", str(data), "--output_dir", str(out),
+                   "--max_train_samples", "16", "--per_device_train_batch_size", "8", "--num_train_epochs", "1",
+                   "--max_seq_length", "32", "--seed", "7", "--tasks", "toy,sts"]) == 0
+print(json.dumps({"predictions": sorted(p.name for p in (out / "predictions").iterdir()),
+                  "dev": json.loads((out / "results.json").read_text())["dev"]}))
+'''
+
+
+def test_a_new_task_needs_only_its_registry_entry(data_copy, tmp_path):
+    """A registry entry is enough to train on a task, write its prediction files and score it: no other module
+    changes (in a fresh interpreter, whose TASKS gets the entry before the run; module constants derived from
+    TASKS at import, like minbert-predict's choices, would see it only from a real entry in tasks.py)."""
+    run = subprocess.run([sys.executable, "-c", ADD_A_TASK, str(data_copy), str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["predictions"] == ["sts-dev-output.csv", "sts-test-output.csv", "toy-dev-output.csv",
+                                     "toy-test-output.csv"]
+    assert set(result["dev"]) == {"toy", "sts", "overall"}  # training's overall: the mean over the tasks trained
+    assert 0.0 <= result["dev"]["toy"] <= 1.0
