@@ -3,6 +3,7 @@ import ast
 import json
 import subprocess
 import sys
+
 import pytest
 
 from minbert.heads import build_heads
@@ -67,6 +68,13 @@ def test_tasks_are_named_only_in_the_registry():
     found = [hit for path in sorted(PACKAGE.rglob("*.py")) if path.name != "tasks.py"
              for hit in literal_task_names(path.read_text(encoding="utf-8"), path.relative_to(PACKAGE).as_posix())]
     assert not found, "task names outside minbert/tasks.py:\n" + "\n".join(found)
+
+
+def test_every_allowed_literal_is_still_there():
+    """An allow-list entry whose constant is gone from its file would silently allow it again later: none is."""
+    for rel, value in ALLOWED:
+        tree = ast.parse((PACKAGE / rel).read_text(encoding="utf-8"))
+        assert any(isinstance(n, ast.Constant) and n.value == value for n in ast.walk(tree)), (rel, value)
 
 
 def test_the_scan_finds_a_literal():
