@@ -28,13 +28,14 @@ from .data import TASKS, Example, TaskData, blank_text_problem, pad, sorted_batc
 from .multitask import MultitaskBert, load_exported, resolve_checkpoint  # noqa: F401 (load_exported: API)
 from .precision import DEFAULT_BF16, resolve_bf16
 from .pooling import pool
+from .tasks import TASKS as _REGISTRY, tasks_of_method
 from .tokenizer import load_tokenizer, pad_token_id, seq_length_problem
 
 # Class names of the sentiment tasks, indexed by class id (the SST labels of the CS224N data).
-SENTIMENT_LABELS = {
-    "sst": ("negative", "somewhat negative", "neutral", "somewhat positive", "positive"),
-    "sst2": ("negative", "positive"),
-}
+SENTIMENT_LABELS = {t: _REGISTRY[t].class_names for t in tasks_of_method("predict_sentiment")}
+# The task each pair method predicts (tasks.TaskSpec.api_method).
+(PARAPHRASE_TASK,) = tasks_of_method("predict_paraphrase")
+(SIMILARITY_TASK,) = tasks_of_method("predict_similarity")
 DEFAULT_BATCH_SIZE = 64
 
 
@@ -161,8 +162,8 @@ class InferenceModel:
         pairs = _pairs(pairs)
         if not pairs:
             return (np.zeros(0, bool), np.zeros(0, np.float32)) if return_probabilities else np.zeros(0, bool)
-        logits = self.head_outputs("qqp", pairs, batch_size)
-        decisions = self.model.heads["qqp"].predict(logits).numpy().astype(bool)
+        logits = self.head_outputs(PARAPHRASE_TASK, pairs, batch_size)
+        decisions = self.model.heads[PARAPHRASE_TASK].predict(logits).numpy().astype(bool)
         if not return_probabilities:
             return decisions
         return decisions, torch.sigmoid(logits).numpy()
@@ -172,8 +173,8 @@ class InferenceModel:
         pairs = _pairs(pairs)
         if not pairs:
             return np.zeros(0, np.float32)
-        outputs = self.head_outputs("sts", pairs, batch_size)
-        return self.model.heads["sts"].predict(outputs).numpy().astype(np.float32)
+        outputs = self.head_outputs(SIMILARITY_TASK, pairs, batch_size)
+        return self.model.heads[SIMILARITY_TASK].predict(outputs).numpy().astype(np.float32)
 
     @torch.inference_mode()
     def head_outputs(self, task: str, inputs: list[tuple[str, ...]], batch_size: int | None = None) -> torch.Tensor:

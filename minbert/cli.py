@@ -12,7 +12,7 @@ import sys
 
 from .config import PRESETS
 from .config_file import apply_config_file  # noqa: F401  (re-exported: --config, as train_main reads it)
-from .data import DEFAULT_TASKS
+from .data import DEFAULT_TASKS, TASKS
 from .flag_types import (_bf16, _nonneg_float, _nonneg_int, _pair_encoding, _positive_int,  # noqa: F401
                          _smart_projection, _tasks)
 from .io import finite_or_null, json_text
@@ -223,7 +223,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--predictions", required=True,
-                   help="folder holding the prediction files (sst-dev-output.csv and friends, e.g. RUN/predictions)")
+                   help=f"folder holding the prediction files ({TASKS[DEFAULT_TASKS[0]].prediction_file('dev')} and "
+                        "friends, e.g. RUN/predictions)")
     g.add_argument("--data_dir", default="data", help="folder holding the task files (gold labels)")
     g.add_argument("--skip_bad_rows", action="store_true",
                    help="skip malformed gold rows (each named in a warning) instead of stopping")

@@ -18,59 +18,9 @@ import torch
 from tokenizers import Tokenizer
 
 from .io import DataError, read_text_file
+from .tasks import DEFAULT_TASKS, TASKS, TaskSpec  # noqa: F401 (re-exported: their import path before tasks.py)
 
 SPLITS = ("train", "dev", "test")
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    name: str  # sst | qqp | sts | sst2
-    files: dict[str, str]  # split -> file name
-    text_columns: tuple[str, ...]
-    label_column: str
-    label_kind: str  # "class" (integer in [0, num_labels)) or "score" (float in [lo, hi])
-    num_labels: int = 0
-    score_range: tuple[float, float] = (0.0, 0.0)
-    output_prefix: str = ""  # prediction file prefix (CS224N leaderboard names)
-    prediction_header: str = ""
-    # Derived tasks: the file's label -> this task's label, None = not part of the task (e.g. SST-2 leaves out the
-    # neutral class). Such rows are dropped by definition and counted in TaskData.dropped, not treated as bad rows.
-    label_map: tuple[int | None, ...] | None = None
-
-    @property
-    def is_pair(self) -> bool:
-        return len(self.text_columns) == 2
-
-
-TASKS: dict[str, TaskSpec] = {
-    "sst": TaskSpec(
-        "sst",
-        {"train": "ids-sst-train.csv", "dev": "ids-sst-dev.csv", "test": "ids-sst-test-student.csv"},
-        ("sentence",), "sentiment", "class", num_labels=5, output_prefix="sst", prediction_header="Predicted_Sentiment",
-    ),
-    "qqp": TaskSpec(
-        "qqp",
-        {"train": "quora-train.csv", "dev": "quora-dev.csv", "test": "quora-test-student.csv"},
-        ("sentence1", "sentence2"), "is_duplicate", "class", num_labels=2, output_prefix="para",
-        prediction_header="Predicted_Is_Paraphrase",
-    ),
-    "sts": TaskSpec(
-        "sts",
-        {"train": "sts-train.csv", "dev": "sts-dev.csv", "test": "sts-test-student.csv"},
-        ("sentence1", "sentence2"), "similarity", "score", score_range=(0.0, 5.0), output_prefix="sts",
-        prediction_header="Predicted_Similiary",  # sic: the course's spelling
-    ),
-    # GLUE's SST-2 built from the SST files: classes 0-1 negative, 3-4 positive, neutral (2) dropped. The dev split
-    # keeps 872 sentences, exactly GLUE's SST-2 dev set. The unlabeled test file is predicted whole.
-    "sst2": TaskSpec(
-        "sst2",
-        {"train": "ids-sst-train.csv", "dev": "ids-sst-dev.csv", "test": "ids-sst-test-student.csv"},
-        ("sentence",), "sentiment", "class", num_labels=2, output_prefix="sst2",
-        prediction_header="Predicted_Sentiment", label_map=(0, 0, None, 1, 1),
-    ),
-}
-# The CS224N multitask benchmark: what --tasks means when not given.
-DEFAULT_TASKS = ("sst", "qqp", "sts")
 
 
 def shorten(text: str, limit: int = 40) -> str:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tasks import TASKS, head_order
+
 
 class SSTHead(nn.Module):
     """Sentiment: dropout + linear to 5 classes, cross-entropy."""
@@ -195,13 +197,15 @@ class CrossSTSHead(ScoreRegressionHead):
         return self.regressor(self.dropout(x)).squeeze(-1)
 
 
-CROSS_HEADS: dict[str, type[nn.Module]] = {"qqp": CrossParaphraseHead, "sts": CrossSTSHead}
+# The head of each head family (tasks.TaskSpec.head) for a pair read as one sequence.
+CROSS_HEAD_OF_FAMILY: dict[str, type[nn.Module]] = {"paraphrase": CrossParaphraseHead, "similarity": CrossSTSHead}
+CROSS_HEADS: dict[str, type[nn.Module]] = {t: CROSS_HEAD_OF_FAMILY[s.head] for t, s in TASKS.items() if s.is_pair}
 # train_multitask.py's bi-encoder heads when --sts_head / --para_head are not given (measured: docs/results.md)
 DEFAULT_STS_HEAD, DEFAULT_PARA_HEAD = "cosine_regression", "sbert"
 # The head flag of each pair task, and its value that is a plain linear layer on what the encoder gives (the
 # report's baselines): for a cross-encoded task that is the cross head. The other values compare two sentence
 # embeddings (|u - v|, u * v, cosines), which a pair read as one sequence does not have.
-PAIR_HEAD_FLAGS = {"qqp": ("para_head", "uv"), "sts": ("sts_head", "linear")}
+PAIR_HEAD_FLAGS = {t: s.head_flag for t, s in TASKS.items() if s.head_flag}
 
 
 def pair_head_conflict(pair_encoding: dict[str, str], tasks, given: dict[str, tuple[str, str]]) -> str | None:
@@ -222,19 +226,16 @@ def build_heads(hidden: int, tasks: list[str], sts_head: str = "linear", dropout
     """One head per task. A pair task in ``pair_encoding`` as ``cross`` gets its cross head (``sts_head`` and
     ``para_head`` choose the bi-encoder's heads and do not apply to it)."""
     cross = {t for t, e in (pair_encoding or {}).items() if e == "cross"}
-    heads = nn.ModuleDict()
-    if "sst" in tasks:
-        heads["sst"] = SSTHead(hidden, dropout=dropout)
-    if "sst2" in tasks:
-        heads["sst2"] = SSTHead(hidden, num_labels=2, dropout=dropout)
     if sts_head not in STS_HEADS:
         raise ValueError(f"unknown --sts_head {sts_head!r} (choose from {', '.join(STS_HEADS)})")
-    for task in ("qqp", "sts"):
-        if task not in tasks:
-            continue
+    heads = nn.ModuleDict()
+    for task in head_order(tasks):  # a fixed order: each head draws its initial weights from the seeded generator
+        spec = TASKS[task]
         if task in cross:
             heads[task] = CROSS_HEADS[task](hidden, dropout=dropout)
-        elif task == "qqp":
+        elif spec.head == "sentiment":
+            heads[task] = SSTHead(hidden, num_labels=spec.num_labels, dropout=dropout)
+        elif spec.head == "paraphrase":
             heads[task] = ParaphraseHead(hidden, dropout=dropout, features=para_head)
         else:
             heads[task] = STS_HEADS[sts_head](hidden, dropout=dropout)

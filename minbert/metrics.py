@@ -6,7 +6,9 @@ import math
 import numpy as np
 from scipy.stats import pearsonr
 
-METRIC_NAMES = {"sst": "accuracy", "qqp": "accuracy", "sts": "pearson", "sst2": "accuracy"}
+from .tasks import LEADERBOARD_TASKS, OVERALL, TASKS
+
+METRIC_NAMES = {name: spec.metric for name, spec in TASKS.items()}
 
 
 def accuracy(pred, gold) -> float:
@@ -32,32 +34,29 @@ def pearson(pred, gold) -> float:
 
 
 def task_score(task: str, pred, gold) -> float:
-    return pearson(pred, gold) if task == "sts" else accuracy(pred, gold)
+    return pearson(pred, gold) if TASKS[task].metric == "pearson" else accuracy(pred, gold)
 
 
 def overall_score(scores: dict[str, float]) -> float:
     """(SST acc + QQP acc + (STS r + 1) / 2) / 3, averaged over the tasks present (Pearson mapped to 0..1)."""
-    parts = [(v + 1) / 2 if t == "sts" else v for t, v in scores.items() if t in METRIC_NAMES]
+    parts = [TASKS[t].overall_part(v) for t, v in scores.items() if t in TASKS]
     return sum(parts) / len(parts) if parts else math.nan
-
-
-LEADERBOARD_TASKS = ("sst", "qqp", "sts")
 
 
 def with_overall(scores: dict[str, float]) -> dict[str, float]:
     """``scores`` with the CS224N leaderboard's "overall" added only when SST, QQP and STS are all scored: over
     fewer tasks it would be another number under the leaderboard's name (evaluate.py then prints none)."""
-    out = {k: v for k, v in scores.items() if k != "overall"}
+    out = {k: v for k, v in scores.items() if k != OVERALL}
     if all(t in out for t in LEADERBOARD_TASKS):
-        out["overall"] = overall_score({t: out[t] for t in LEADERBOARD_TASKS})
+        out[OVERALL] = overall_score({t: out[t] for t in LEADERBOARD_TASKS})
     return out
 
 
 def format_scores(results: dict[str, dict[str, float]]) -> str:
     """A Markdown table: one row per split, columns SST / QQP / STS / overall (training and evaluate.py print it)."""
-    cols = [("sst", "SST acc"), ("qqp", "QQP acc"), ("sts", "STS r"), ("overall", "overall")]
-    if any("sst2" in scores for scores in results.values()):
-        cols.insert(0, ("sst2", "SST-2 acc"))
+    # The leaderboard's columns always; another task's (SST-2) in front, where a split has its score.
+    others = [t for t in TASKS if t not in LEADERBOARD_TASKS and any(t in scores for scores in results.values())]
+    cols = [(t, TASKS[t].table_label) for t in [*others, *LEADERBOARD_TASKS]] + [(OVERALL, OVERALL)]
     lines = ["| split | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for split, scores in results.items():
         cells = [f"{scores[k]:.4f}" if k in scores else "-" for k, _ in cols]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import BertConfig
-from .data import PAIR_ENCODINGS, TASKS
+from .data import DEFAULT_TASKS, PAIR_ENCODINGS, TASKS
 from .heads import STS_HEADS, build_heads
 from .io import DataError, atomic_save, atomic_write_text, json_text, load_safetensors, published_dir, read_json_file
 from .model import BertModel
@@ -27,7 +27,7 @@ PARA_HEADS = ("uv", "sbert")
 
 @dataclass
 class MultitaskConfig:
-    tasks: list[str] = field(default_factory=lambda: ["sst", "qqp", "sts"])
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     pooling: str = "cls"
     sts_head: str = "linear"
     para_head: str = "uv"

@@ -107,8 +107,7 @@ def _ours(folder: str, name: str) -> bool:
     if name.startswith(".") and name.endswith(TEMP_SUFFIX):
         return True
     if folder == "predictions":
-        return any(name in (f"{spec.output_prefix}-dev-output.csv", f"{spec.output_prefix}-test-output.csv")
-                   for spec in TASKS.values())
+        return any(name in (spec.prediction_file("dev"), spec.prediction_file("test")) for spec in TASKS.values())
     if folder == "tensorboard":
         return name.startswith("events.out.tfevents.")
     return name in CHECKPOINT_FILES

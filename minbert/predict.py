@@ -58,7 +58,7 @@ def write_predictions(path: str | Path, spec: TaskSpec, ids: list[str], preds) -
 
 
 def prediction_path(directory: str | Path, task: str, split: str) -> Path:
-    return Path(directory) / f"{TASKS[task].output_prefix}-{split}-output.csv"
+    return Path(directory) / TASKS[task].prediction_file(split)
 
 
 def read_predictions(path: str | Path, spec: TaskSpec) -> dict[str, float]:
@@ -175,7 +175,8 @@ def score_prediction_dir(pred_dir: str | Path, data_dir: str | Path, allow_parti
                      "(no correlation)")
             results.setdefault(split, {})[task] = task_score(task, pred_values, gold_values)
     if not found:
-        raise DataError(f"{pred_dir}: no prediction files (expected names like sst-dev-output.csv)")
+        example = TASKS[next(iter(TASKS))].prediction_file("dev")
+        raise DataError(f"{pred_dir}: no prediction files (expected names like {example})")
     for split, scores in results.items():
         results[split] = scores = with_overall(scores)  # the leaderboard's overall: only over all three tasks
         bad = [k for k, v in scores.items() if not math.isfinite(v)]

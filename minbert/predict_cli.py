@@ -22,12 +22,13 @@ import sys
 from .api import DEFAULT_BATCH_SIZE, SENTIMENT_LABELS, InferenceModel, MaxSeqLengthError, load
 from .cli import _bf16, _positive_int, _run_user_command
 from .data import TASKS, blank_text_problem
+from .tasks import HEAD_ORDER
 from .io import atomic_write_text, json_text
 from .precision import DEFAULT_BF16
 from .output_policy import check_output_path
 from .predict_input import INPUT_FORMATS, read_inputs  # noqa: F401 (read_inputs: the --input reader)
 
-PREDICT_TASKS = ("sst", "sst2", "qqp", "sts")
+PREDICT_TASKS = HEAD_ORDER
 FORMATS = ("text", "csv", "jsonl")
 
 
@@ -68,7 +69,8 @@ def predict_parser() -> argparse.ArgumentParser:
                    help="the sentence(s) to predict (sst: one or more; qqp, sts: exactly two, one pair)")
     g.add_argument("--input", metavar="FILE", default=None,
                    help="read the inputs from FILE instead: the task's CSV layout (tab-separated with the header "
-                        "'id, text column(s)[, label]', like data/ids-sst-dev.csv), or one text per line (a "
+                        f"'id, text column(s)[, label]', like data/{TASKS[HEAD_ORDER[0]].files['dev']}), or one text "
+                        "per line (a "
                         "tab-separated pair per line for qqp and sts)")
     g.add_argument("--input_format", choices=INPUT_FORMATS, default="auto",
                    help="task: the task's CSV layout; lines: one text (or pair) per line, no header; auto: task if "
@@ -112,7 +114,7 @@ def predict_records(model: InferenceModel, task: str, ids: list[str], inputs: li
         for r, label, p in zip(records, labels, probs):
             r.update(label=int(label), label_name=names[int(label)],
                      probabilities={n: round(float(x), 6) for n, x in zip(names, p)})
-    elif task == "qqp":
+    elif TASKS[task].api_method == "predict_paraphrase":
         decisions, probs = model.predict_paraphrase(inputs, return_probabilities=True)
         for r, d, p in zip(records, decisions, probs):
             r.update(is_paraphrase=bool(d), probability=round(float(p), 6))

@@ -27,7 +27,8 @@ _HEADER_WORDS = {"id", "label", "text", "question1", "question2", "qid1", "qid2"
 
 
 def layout_of(task: str):
-    return TASKS["sst"] if task == "sst2" else TASKS[task]  # SST-2 is read from the SST files, every row kept
+    spec = TASKS[task]
+    return TASKS[spec.source] if spec.source else spec  # SST-2 is read from the SST files, every row kept
 
 
 def expected_headers(task: str) -> list[list[str]]:

@@ -66,7 +66,7 @@ def read_dev_predictions(pred_dir: str | Path, data_dir: str | Path, allow_parti
 
 def resampled_score(task: str, pred: np.ndarray, gold: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """idx (..., n) -> the task's score on each row of resampled examples (metrics.task_score, vectorised)."""
-    if task != "sts":
+    if TASKS[task].metric != "pearson":
         correct = (pred == gold).astype(np.float64)
         return lambda idx: correct[idx].mean(-1)
 
@@ -181,7 +181,7 @@ def paired_comparison(a: dict[str, DevPredictions], b: dict[str, DevPredictions]
 # ------------------------------------------------------------------------------------------------ Markdown
 
 def _name(key: str) -> str:
-    return {"sst": "SST acc", "sst2": "SST-2 acc", "qqp": "QQP acc", "sts": "STS r"}.get(key, key)
+    return TASKS[key].table_label if key in TASKS else key
 
 
 def format_intervals(scores: dict[str, float], intervals: dict[str, list[float]]) -> str:

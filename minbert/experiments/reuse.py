@@ -13,9 +13,10 @@ import math
 from pathlib import Path
 
 from ..io import first_line, read_json_file
+from ..tasks import OVERALL, OVERALL_RANGE, TASKS
 
 # The range of each score a results.json may hold (accuracies and the overall score in [0, 1], Pearson r in [-1, 1]).
-SCORE_RANGES = {"sst": (0.0, 1.0), "qqp": (0.0, 1.0), "sst2": (0.0, 1.0), "sts": (-1.0, 1.0), "overall": (0.0, 1.0)}
+SCORE_RANGES = {**{t: spec.metric_range for t, spec in TASKS.items()}, OVERALL: OVERALL_RANGE}
 
 
 class RunnerError(ValueError):

@@ -17,13 +17,14 @@ from pathlib import Path
 from ..io import atomic_write_text, finite_or_null, json_text, first_line
 from ..metrics import overall_score
 from ..precision import DEFAULT_BF16
+from ..tasks import LEADERBOARD_TASKS, OVERALL
 from .profiles import BASELINE, PROFILES, ROWS, STEP_CAPS, ARCHITECTURES, Row, row_argv, same_run_key
 from .reuse import RunnerError, check_reusable, preflight, read_run_results, row_config
 from .stats import mean_std, paired_difference
 from .tables import paper_markdown
 
 log = logging.getLogger("minbert")
-METRICS = ("sst", "qqp", "sts", "overall")
+METRICS = (*LEADERBOARD_TASKS, OVERALL)
 
 
 def train_entry_point():

@@ -1,9 +1,10 @@
 """Markdown tables of the experiments' results (the same text is printed and written to results.md)."""
 from __future__ import annotations
 
+from ..tasks import LEADERBOARD_TASKS, OVERALL, TASKS
 from .stats import format_difference, format_mean_std
 
-SCORES = (("sst", "SST acc"), ("qqp", "QQP acc"), ("sts", "STS r"), ("overall", "overall"))
+SCORES = (*((t, TASKS[t].table_label) for t in LEADERBOARD_TASKS), (OVERALL, OVERALL))
 
 
 def _score_cell(row: dict, key: str) -> str:
