@@ -269,6 +269,18 @@ def load_combiner_class(spec: str) -> type:
         raise ValueError(f"--combiner {spec}: expected an import path package.module:ClassName")
     if module_name.endswith(".py") and not Path(module_name).is_file():
         raise ValueError(f"--combiner {spec}: no such file {module_name}")
+    # One import per file version: the run checks the class (RunConfig.validate) and then trains with it, and the
+    # user's module must not run twice (a dotted module is cached by sys.modules already).
+    key = (spec, Path(module_name).stat().st_mtime_ns if module_name.endswith(".py") else None)
+    if key not in _LOADED_CLASSES:
+        _LOADED_CLASSES[key] = _import_combiner_class(spec, module_name, attr)
+    return _LOADED_CLASSES[key]
+
+
+_LOADED_CLASSES: dict[tuple, type] = {}
+
+
+def _import_combiner_class(spec: str, module_name: str, attr: str) -> type:
     try:
         if module_name.endswith(".py"):
             module_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)

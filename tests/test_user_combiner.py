@@ -111,3 +111,14 @@ def test_docs_show_the_example_as_it_is():
     example = EXAMPLE.read_text(encoding="utf-8")
     docs = (ROOT / "docs" / "multitask.md").read_text(encoding="utf-8")
     assert example[example.index("import torch"):] in docs
+
+
+def test_a_user_combiner_module_is_imported_once_per_run(small_data, tmp_path, one_thread):
+    """The run checks the class before training and then trains with it: the user's file runs once, not twice."""
+    counter = tmp_path / "imports.txt"
+    module = tmp_path / "counting_combiner.py"
+    module.write_text(f"from pathlib import Path\n_c = Path({str(counter)!r})\n"
+                      "_c.write_text(str(int(_c.read_text()) + 1) if _c.exists() else '1')\n"
+                      f"exec(open({str(EXAMPLE)!r}).read())\n")
+    assert train_main(tiny_run_args(small_data, tmp_path / "run", f"{module}:UncertaintyWeighting")) == 0
+    assert counter.read_text() == "1"
