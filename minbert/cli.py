@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+from .combiners import PCGRAD_REDUCTIONS
 from .config import PRESETS
 from .config_file import apply_config_file  # noqa: F401  (re-exported: --config, as train_main reads it)
 from .data import DEFAULT_TASKS, TASKS
@@ -134,7 +135,7 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--trust_combiner_code", action="store_true",
                    help="import and run the code a --combiner package.module:Class names (command line only: a "
                         "--config file cannot set it; never with --predict_only)")
-    g.add_argument("--pcgrad_reduction", choices=("mean", "sum"), default="mean",
+    g.add_argument("--pcgrad_reduction", choices=PCGRAD_REDUCTIONS, default="mean",
                    help="pcgrad and gse: the encoder's gradient is the mean (default) or the sum of the PCGrad-"
                         "projected task gradients. mean = WeiChengTseng/Pytorch-PCGrad (e987ac6), the implementation "
                         "CS224N projects copied, and GSE's form since the start; sum = Yu et al. 2020, Algorithm 1")

@@ -65,6 +65,7 @@ class ParaphraseHead(BinaryLogitHead):
 
 
 PAIR_FEATURES = {"uv": 2, "sbert": 4}  # name -> number of d-sized blocks
+PARA_HEADS = tuple(PAIR_FEATURES)  # --para_head's choices
 
 
 class ScoreRegressionHead(nn.Module):

@@ -17,12 +17,11 @@ from torch import nn
 
 from .config import BertConfig
 from .data import DEFAULT_TASKS, PAIR_ENCODINGS, TASKS
-from .heads import STS_HEADS, build_heads
+from .heads import PARA_HEADS, STS_HEADS, build_heads
 from .io import DataError, atomic_save, atomic_write_text, json_text, load_safetensors, published_dir, read_json_file
 from .model import BertModel
 from .pooling import POOLING_MODES, pool
 
-PARA_HEADS = ("uv", "sbert")
 
 
 @dataclass

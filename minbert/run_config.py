@@ -18,21 +18,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from .combiners import COMBINERS, build_combiner
+from .combiners import COMBINERS, PCGRAD_REDUCTIONS, build_combiner
 from .config import PRESETS, BertConfig
 from .data import TASKS
-from .model import check_model_dir
-from .heads import DEFAULT_PARA_HEAD, DEFAULT_STS_HEAD, STS_HEADS, pair_head_conflict
-from .multitask import parse_pair_encoding, resolve_checkpoint
-from .precision import BF16_MODES
+from .heads import DEFAULT_PARA_HEAD, DEFAULT_STS_HEAD, PARA_HEADS, STS_HEADS, pair_head_conflict
 from .legacy_settings import current_settings
+from .model import check_model_dir
+from .multitask import parse_pair_encoding, resolve_checkpoint
+from .optim import OPTIMIZERS
+from .pooling import POOLING_MODES
+from .precision import BF16_MODES
 from .smart import SMART_PROJECTIONS
 from .user_combiner import check_interface
 
-# Choices of the flags that take one of a few words (the parser's `choices` come from here too).
-POOLINGS = ("cls", "mean", "max")
-PARA_HEADS = ("uv", "sbert")
-OPTIMIZER_NAMES = ("adamw", "mfac")
+# Choices of the flags that take one of a few words, each from the module that implements them (the parser's
+# `choices` come from here too).
+POOLINGS = POOLING_MODES
+OPTIMIZER_NAMES = tuple(OPTIMIZERS)
 REPORT_TO = ("none", "tensorboard")
 
 from .tokenizer import MIN_SEQ_LENGTH, seq_length_problem  # noqa: E402,F401 (the one max_seq_length rule)
@@ -50,7 +52,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "pooling": POOLINGS, "sts_head": tuple(STS_HEADS), "para_head": PARA_HEADS, "bf16": BF16_MODES, "smart_projection": SMART_PROJECTIONS,
-    "optim": OPTIMIZER_NAMES, "report_to": REPORT_TO, "pcgrad_reduction": ("mean", "sum"),
+    "optim": OPTIMIZER_NAMES, "report_to": REPORT_TO, "pcgrad_reduction": PCGRAD_REDUCTIONS,
 }
 class ConfigError(ValueError):
     """A setting is wrong; ``from_file`` says whether the message names a config file (else a flag)."""
