@@ -1,7 +1,8 @@
 """One writer per output folder: an exclusive ``fcntl.flock`` on ``FOLDER/.minbert.lock``, held for the whole run.
 
-Training (``--output_dir``), the experiments runner (its table folder) and export (a lock file beside ``--out``,
-since export builds its folder elsewhere and renames it into place) take it. A second process on the same folder
+Training (``--output_dir``, so each of the experiments runner's runs too) and export (a lock file beside ``--out``,
+since export builds its folder elsewhere and renames it into place) take it. The runner's table folder is not
+locked: one runner per core on disjoint rows is its documented use, and its table files are written atomically. A second process on the same folder
 gets one line naming the folder and the holder's process id, instead of racing on its temporary files. The lock
 is the kernel's: a killed holder releases it at once, so a lock file left by a killed run never blocks a re-run
 (a finished run removes it). Checks that a folder holds only the package's files ignore LOCK_NAME.
