@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from .smart import LEGACY_PROJECTIONS
 
-# Values an older minbert wrote to args.json, by their current names: --config and --resume read old runs with
-# these, so an old run's args.json loads and resumes with the behaviour it was trained with.
+# Values an older minbert wrote to args.json -> their current names.
 LEGACY_SETTINGS: dict[str, dict[str, str]] = {"smart_projection": LEGACY_PROJECTIONS}
 
 

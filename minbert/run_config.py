@@ -162,13 +162,13 @@ class RunConfig:
         raise ConfigError(f"{self.where(key, value)}{sep}{what}", from_file)
 
     def fail_with(self, key: str, message: str):
-        """Raise a ConfigError from a message that may already name the flag (``--key ...``): the flag is named
-        once, as ``--key`` or as ``FILE: key`` if a config file set it."""
+        """:meth:`fail` with a message that may already name the flag (``--key ...``): the flag is named once, as
+        ``--key`` or as ``FILE: key`` if a config file set it."""
         flag = f"--{key}"
         after = message[len(flag):len(flag) + 1]
-        named = message.startswith(flag) and not (after.isalnum() or after == "_")
-        rest = message[len(flag):] if named else f": {message}"
-        raise ConfigError(f"{self.where(key)}{rest}", key in self.from_file)
+        if message.startswith(flag) and not (after.isalnum() or after == "_"):
+            self.fail(key, message[len(flag):], sep="")
+        self.fail(key, message)
 
     def validate(self) -> "RunConfig":
         """Check everything that can be checked before a file is read or written; raise ConfigError."""
