@@ -1,6 +1,8 @@
 """A run's metrics log: metrics.jsonl in the output directory, optionally mirrored to TensorBoard."""
 from __future__ import annotations
 
+import resource
+import sys
 from pathlib import Path
 
 from .io import AppendLog, finite_or_null, json_text
@@ -76,3 +78,11 @@ def _numeric_fields(record: dict, prefix: str = ""):
             yield from _numeric_fields(value, f"{prefix}{key}/")
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             yield prefix + key, value
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (getrusage's ru_maxrss: KiB on Linux, bytes on macOS).
+    It never goes down, so it is one run's own peak only when the process trains one run (as the mtl table's
+    worker runs do); several runs in one process each report the peak of all so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)

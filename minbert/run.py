@@ -24,7 +24,7 @@ from .data import SPLITS, TASKS, TaskData, TaskTensors, load_task, tensorize
 from .distributed import predict_task  # under torchrun each rank predicts a share; alone, predict.predict_task
 from .io import atomic_write_text, first_line, published_dir
 from .metrics import format_scores, overall_score, task_score
-from .metrics_log import MetricsLog
+from .metrics_log import MetricsLog, peak_rss_mb
 from .model import BertModel
 from .multitask import MultitaskBert, MultitaskConfig, pair_encoding_of
 from .folder_lock import folder_lock
@@ -208,8 +208,8 @@ def _train_and_predict(config, model, trainer, tensors, out, resume_from, device
         checkpoint = config.checkpoint
     else:  # name best/ only if this run wrote it (published: complete)
         checkpoint = str(out / "best") if published_dir(out / "best") is not None and trainer.best_state is not None else None
-    results = {"dev": scores, "wall_seconds": round(wall, 1), "bf16": config.bf16, "predictions": str(pred_dir),
-               "checkpoint": checkpoint}
+    results = {"dev": scores, "wall_seconds": round(wall, 1), "peak_rss_mb": peak_rss_mb(), "bf16": config.bf16,
+               "predictions": str(pred_dir), "checkpoint": checkpoint}
     if trainer is not None:  # "dev" is the best epoch's, chosen on dev: an optimistic score (docs/training.md)
         results.update(dev_best_epoch=trainer.best_epoch, epochs=config.num_train_epochs)
         if trainer.last_scores:  # unknown only if a resume came after the last epoch's evaluation

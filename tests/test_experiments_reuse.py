@@ -88,13 +88,16 @@ DAMAGE = [
     lambda d: json.dumps({**d, "dev": {}}),
     lambda d: json.dumps({**d, "dev": [0.5]}),
     lambda d: json.dumps({**d, "wall_seconds": -1}),
+    lambda d: json.dumps({**d, "peak_rss_mb": 0}),
+    lambda d: json.dumps({**d, "peak_rss_mb": "2 GB"}),
+    lambda d: json.dumps({**d, "peak_rss_mb": True}),
     lambda d: json.dumps([d]),
     lambda d: '{"dev": {"sst": NaN, "qqp": 0.5, "sts": 0.1, "overall": 0.4}}',
     lambda d: "",
 ]
 
 
-@pytest.mark.parametrize("case", range(20))
+@pytest.mark.parametrize("case", range(23))
 def test_damaged_results_are_one_line_errors(tmp_path, case):
     rng = random.Random(SEED + case)
     good = {"dev": {"sst": rng.random(), "qqp": rng.random(), "sts": rng.uniform(-1, 1), "overall": rng.random()},

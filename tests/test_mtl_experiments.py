@@ -26,8 +26,12 @@ def test_smoke_mtl_table_compares_every_row_with_baseline_and_sum(small_data, tm
     per_seed = [u["dev"]["overall"] - s["dev"]["overall"] for u, s in zip(rows["upgrad"]["runs"], rows["sum"]["runs"])]
     assert d["seeds"] == [1, 2] and d["diff"] == pytest.approx(sum(per_seed) / 2)
     assert rows["sum"]["vs_sum"] is None and rows["sum"]["vs_baseline"] is not None
+    for row in rows.values():  # each run's peak memory, recorded by the run (results.json) and kept by the table
+        peaks = [json.loads((out / row["key"] / f"seed{s}" / "results.json").read_text())["peak_rss_mb"] for s in (1, 2)]
+        assert all(p > 50 for p in peaks) and row["peak_rss_mb"] == max(r["peak_rss_mb"] for r in row["runs"])
     table = (out / "results.md").read_text()
-    assert "Δ overall vs sum [95% CI]" in table and table.count("(reference)") == 2
+    assert "Δ overall vs sum [95% CI] | wall s | peak RSS MB |" in table and table.count("(reference)") == 2
+    assert f"| {rows['uw']['peak_rss_mb']:.0f} |" in table
     lines = [line for line in table.splitlines() if line.startswith("| ")]
     assert len(lines) == 5 and all(line.count("|") == lines[0].count("|") for line in lines)
     assert "| Baseline (individual) | 2/2 | " in capsys.readouterr().out

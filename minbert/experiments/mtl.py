@@ -67,8 +67,8 @@ class MtlRun(PaperRun):
 
     def table(self) -> str:
         lines = paper_markdown(self.results, self.seeds).splitlines()
-        lines[0] = lines[0].replace(" | wall s |", " | Δ overall vs sum [95% CI] | wall s |")
-        lines[1] += "---|"
+        lines[0] = lines[0].replace(" | wall s |", " | Δ overall vs sum [95% CI] | wall s | peak RSS MB |")
+        lines[1] += "---|---|"
         for i, r in enumerate(self.results, start=2):
             if r["key"] == SUM:
                 diff = "(reference)"
@@ -77,7 +77,8 @@ class MtlRun(PaperRun):
             else:
                 diff = format_difference(r["vs_sum"]) if r["vs_sum"] else "no sum run with these seeds"
             head, _, wall = lines[i].rstrip(" |").rpartition(" | ")
-            lines[i] = f"{head} | {diff} | {wall} |"
+            peak = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") is not None else "-"
+            lines[i] = f"{head} | {diff} | {wall} | {peak} |"
         return "\n".join(lines).replace(" / N/A", "")
 
     def write(self) -> None:
@@ -87,7 +88,9 @@ class MtlRun(PaperRun):
                   f"Each row: one --combiner; everything else the profile's Baseline, {MTL_ITERATIONS}x its steps. "
                   f"Scores: mean ± sample std over seeds (STS: Pearson r; overall = (SST + QQP + (r + 1) / 2) / 3). "
                   f"Δ overall: paired seed by seed against Baseline and against sum, 95% t-interval; * marks an "
-                  f"interval that excludes 0. wall s: the row's total training time."
+                  f"interval that excludes 0. wall s: the row's total run time (training and dev prediction, all seeds); "
+                  f"peak RSS MB: the largest of its runs' peak resident memory (a process that trains several runs "
+                  f"reports the peak of all so far; one run per process gives each run's own)."
                   + (f" Left out (solvers missing): {', '.join(skipped)}." if skipped else "") + "\n\n")
         atomic_write_text(self.output_dir / "results.md", header + self.table() + "\n")
         payload = {"experiment": "mtl", "profile": self.profile, "profile_flags": list(PROFILES[self.profile]),

@@ -28,7 +28,8 @@ def _number(value) -> bool:
 
 
 def read_run_results(directory: Path) -> dict:
-    """A finished run's results.json: {"dev": {score: value}, "wall_seconds": ...}, every value checked."""
+    """A finished run's results.json: {"dev": {score: value}, "wall_seconds": ..., "peak_rss_mb": ...}, every value
+    checked."""
     path = Path(directory) / "results.json"
     try:
         results = read_json_file(path)
@@ -46,7 +47,10 @@ def read_run_results(directory: Path) -> dict:
     wall = results.get("wall_seconds")
     if wall is not None and not (_number(wall) and wall >= 0):
         raise RunnerError(f"{path}: wall_seconds: {wall!r} is not a number of seconds")
-    return {"dev": dict(dev), "wall_seconds": wall}
+    peak = results.get("peak_rss_mb")  # absent in runs written before 2026-12-03
+    if peak is not None and not (_number(peak) and peak > 0):
+        raise RunnerError(f"{path}: peak_rss_mb: {peak!r} is not a number of megabytes")
+    return {"dev": dict(dev), "wall_seconds": wall, "peak_rss_mb": peak}
 
 
 def check_reusable(name: str, directory: Path, config) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..io import atomic_write_text, finite_or_null, json_text, first_line
 from ..metrics import overall_score
+from ..metrics_log import peak_rss_mb
 from ..precision import DEFAULT_BF16
 from ..tasks import LEADERBOARD_TASKS, OVERALL
 from .profiles import BASELINE, PROFILES, ROWS, STEP_CAPS, ARCHITECTURES, Row, row_argv, same_run_key
@@ -58,7 +59,8 @@ def run_row(row: Row, argv: list[str], overwrite: bool) -> dict:
         check_reusable(row.key, directory, row_config(row.key, argv))  # its settings are this row's
         results = read_run_results(directory)  # strictly: a damaged file is one line, not a number in the table
         log.info("%s: reusing the finished run in %s", row.key, directory)
-        return {"dev": results["dev"], "wall_seconds": results.get("wall_seconds"), "reused": True}
+        return {"dev": results["dev"], "wall_seconds": results["wall_seconds"], "peak_rss_mb": results["peak_rss_mb"],
+                "reused": True}
     if overwrite:
         argv = argv + ["--overwrite_output_dir"]
     elif _has_unfinished_run(directory):
@@ -73,15 +75,18 @@ def run_row(row: Row, argv: list[str], overwrite: bool) -> dict:
         msg = first_line(e)
         log.error("%s failed: %s", row.key, msg)
         return {"dev": None, "error": f"{type(e).__name__}: {msg}", "wall_seconds": round(time.perf_counter() - t0, 1)}
-    return {"dev": scores, "wall_seconds": round(time.perf_counter() - t0, 1)}
+    return {"dev": scores, "wall_seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": peak_rss_mb()}
 
 
 def summarize_runs(runs: list[dict]) -> dict:
-    """Mean and sample std of each score over a row's finished runs; the row's first error, its total wall time."""
+    """Mean and sample std of each score over a row's finished runs; the row's first error, its total wall time
+    and the largest peak RSS of its runs (None where no run recorded one)."""
     done = [r["dev"] for r in runs if r.get("dev")]
+    peaks = [r["peak_rss_mb"] for r in runs if r.get("peak_rss_mb") is not None and not r.get("same_run_as")]
     out: dict = {"n_runs": len(done), "dev": None, "std": None,
                  "error": next((r["error"] for r in runs if r.get("error")), None),
-                 "wall_seconds": round(sum(r.get("wall_seconds") or 0 for r in runs if not r.get("same_run_as")), 1)}
+                 "wall_seconds": round(sum(r.get("wall_seconds") or 0 for r in runs if not r.get("same_run_as")), 1),
+                 "peak_rss_mb": max(peaks) if peaks else None}
     if done:
         stats = {k: mean_std([d[k] for d in done]) for k in METRICS if all(k in d for d in done)}
         out["dev"] = {k: m for k, (m, _) in stats.items()}
