@@ -26,8 +26,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import mtl_methods
 from .io import first_line, parse_json
 from .mtl_methods import METHODS
+from .settings import group, setting
+from .smart import SmartSettings
 
 
 @dataclass
@@ -301,3 +304,48 @@ def _import_combiner_class(spec: str, module_name: str, attr: str) -> type:
     if not callable(getattr(obj, "step", None)):
         raise ValueError(f"--combiner {spec}: class {attr} has no step(ctx) method (see docs/multitask.md)")
     return obj
+
+
+@dataclass
+class MultitaskSettings:
+    """The multitask group of flags: the combiner and its options, the epoch's length, SMART."""
+
+    combiner: str = setting(
+        "individual", metavar="COMBINER",
+        help="individual (round-robin per-task steps), sum (one step on the summed loss), pcgrad "
+             "(gradient surgery), gse (a PCGrad step, then a summed-loss step), or your own class with a "
+             "step(ctx) method by its import path (docs/multitask.md); or a torchjd method: "
+             + mtl_methods.help_text())
+    combiner_args: str | None = setting(
+        None, metavar="JSON",
+        help='keyword options of your own --combiner class or of a torchjd method, a JSON object, '
+             'e.g. \'{"c": 0.5}\' for cagrad')
+    iterations_multiplier: int = setting(1, bounds=(1, None), help="an epoch has K x (smallest task's batches) steps")
+    smart_settings: SmartSettings = group(SmartSettings)
+    trust_combiner_code: bool = setting(
+        False, help="import and run the code a --combiner package.module:Class names (command line only: a "
+                    "--config file cannot set it; never with --predict_only)")
+    pcgrad_reduction: str = setting(
+        "mean", choices=PCGRAD_REDUCTIONS,
+        help="pcgrad and gse: the encoder's gradient is the mean (default) or the sum of the PCGrad-"
+             "projected task gradients. mean = WeiChengTseng/Pytorch-PCGrad (e987ac6), the implementation "
+             "CS224N projects copied, and GSE's form since the start; sum = Yu et al. 2020, Algorithm 1")
+
+    def built_combiner(self, seed: int) -> Combiner:
+        """The combiner these settings name, built once: the settings check builds it (a user's class is imported,
+        built and its step(ctx) checked before any work) and the Trainer trains with that instance
+        (:meth:`take_combiner`). Built under a generator seeded with ``seed``, so that a constructor's random
+        draws do not depend on what ran before in the process."""
+        key = (self.combiner, self.combiner_args, self.pcgrad_reduction, seed)
+        if getattr(self, "_built", (None,))[0] != key:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self._built = (key, build_combiner(self.combiner, seed, self.combiner_args,
+                                                   pcgrad_reduction=self.pcgrad_reduction))
+        return self._built[1]
+
+    def take_combiner(self, seed: int) -> Combiner:
+        """:meth:`built_combiner` for a run to train with: a later call builds a fresh one (a combiner has state)."""
+        combiner = self.built_combiner(seed)
+        del self._built
+        return combiner

@@ -19,8 +19,9 @@ import argparse
 import json
 import sys
 
-from .flag_types import _bf16, _nonneg_float, _nonneg_int, _positive_int
 from .io import read_json_file
+from .precision import bf16_flag
+from .settings import nonneg_float, nonneg_int, positive_int
 
 # Keys a config file may hold but that only the command line can set (see the module docstring).
 COMMAND_LINE_ONLY = ("overwrite_output_dir", "resume", "trust_combiner_code")
@@ -107,10 +108,10 @@ def apply_config_file(p: argparse.ArgumentParser, argv: list[str] | None) -> dic
 
 def _json_type_problem(action: argparse.Action, value, many: bool) -> str | None:
     """What a config value should have been, if its JSON type does not suit the flag (None if it does)."""
-    if action.type in (int, float, _positive_int, _nonneg_int, _nonneg_float):
+    if action.type in (int, float, positive_int, nonneg_int, nonneg_float):
         ok = isinstance(value, (int, float, str)) and not isinstance(value, bool)
         return None if ok else "a number"
-    scalar_ok = isinstance(value, str) or (action.type is _bf16 and isinstance(value, bool))  # older args.json
+    scalar_ok = isinstance(value, str) or (action.type is bf16_flag and isinstance(value, bool))  # older args.json
     if many or action.dest == "tasks":  # several words, or a list for a comma-separated flag
         ok = scalar_ok or (isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
                                                            for v in value))

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from .io import AppendLog, finite_or_null, json_text
 
+REPORT_TO = ("none", "tensorboard")  # --report_to's choices
+
 
 class MetricsLog:
     """metrics.jsonl in the output directory: one JSON object per line, flushed as written.

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import BertConfig
+from .config import PRESETS, BertConfig
 from .data import DEFAULT_TASKS, PAIR_ENCODINGS, TASKS
-from .heads import PARA_HEADS, STS_HEADS, build_heads
+from .heads import DEFAULT_PARA_HEAD, DEFAULT_STS_HEAD, PARA_HEADS, STS_HEADS, build_heads
 from .io import DataError, atomic_save, atomic_write_text, json_text, load_safetensors, published_dir, read_json_file
 from .model import BertModel
 from .pooling import POOLING_MODES, pool
+from .settings import flag_reader, setting
 
 
 
@@ -229,7 +230,8 @@ def parse_pair_encoding(text: str) -> dict[str, str]:
 
 def pair_encoding_of(args) -> dict[str, str]:
     """MultitaskConfig.pair_encoding from the training flags: the encoding of each pair task trained."""
-    parsed = parse_pair_encoding(getattr(args, "pair_encoding", None) or "bi")
+    value = getattr(args, "pair_encoding", None) or "bi"
+    parsed = value.by_task if isinstance(value, PairEncoding) else parse_pair_encoding(value)
     return {t: e for t, e in parsed.items() if t in args.tasks}
 
 
@@ -238,6 +240,20 @@ def format_pair_encoding(pair_encoding: dict[str, str]) -> str:
     full = {t: pair_encoding.get(t, "bi") for t in PAIR_TASKS}
     values = set(full.values())
     return values.pop() if len(values) == 1 else ",".join(f"{t}={e}" for t, e in full.items())
+
+
+class PairEncoding(str):
+    """A --pair_encoding value, parsed once: its canonical text (what args.json records, e.g. ``qqp=cross,sts=bi``)
+    that keeps the parsed {pair task: encoding} as ``by_task``. A ValueError if the text is not one."""
+
+    def __new__(cls, text: str) -> "PairEncoding":
+        by_task = parse_pair_encoding(text)
+        value = super().__new__(cls, format_pair_encoding(by_task))
+        value.by_task = by_task
+        return value
+
+
+pair_encoding_flag = flag_reader(PairEncoding)
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
@@ -260,3 +276,33 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: P
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """A safetensors state dict; an unreadable file is a one-line error naming it."""
     return load_safetensors(path, str(device))
+
+
+@dataclass
+class ModelSettings:
+    """The model group of flags: the encoder, the sentence embedding, the pair heads and how pairs are read."""
+
+    model_name_or_path: str = setting(
+        "minilm-l6", help=f"a preset ({', '.join(PRESETS)}; only minilm-l6 has pretrained weights) or a Hugging Face "
+                          "model directory (config.json + model.safetensors or pytorch_model.bin + vocab)")
+    pooling: str = setting("mean", choices=POOLING_MODES, help="sentence embedding for every task")
+    sts_head: str = setting(
+        DEFAULT_STS_HEAD, choices=STS_HEADS,
+        help="STS head: linear on [u; v] (the report's baseline), cosine_embedding (CosineEmbeddingLoss, "
+             "no layer), cosine (d->d linear, 5*sigmoid(20*cos)), cosine_2d1 (linear on [u; v; cos]), "
+             "cosine_regression (5*cos, SBERT's regression objective); see docs/multitask.md")
+    para_head: str = setting(DEFAULT_PARA_HEAD, choices=PARA_HEADS,
+                             help="paraphrase head features: uv = linear on [u; v] (the report's baseline), "
+                                  "sbert = linear on [u; v; |u-v|; u*v]")
+    pair_encoding: str = setting(
+        "bi", parse=pair_encoding_flag, metavar="{bi,cross,qqp=..,sts=..}",
+        help="how QQP and STS read a sentence pair: bi (each sentence encoded alone, the head compares the "
+             "two embeddings) or cross (one sequence [CLS] a [SEP] b [SEP], the head reads it pooled, as "
+             "run_glue does; --sts_head/--para_head then do not apply); per task: qqp=cross,sts=bi")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pair_encoding, str) and not isinstance(self.pair_encoding, PairEncoding):
+            try:  # text from Python or a RunConfig built by hand; a wrong one is left to the settings check
+                self.pair_encoding = PairEncoding(self.pair_encoding)
+            except ValueError:
+                pass

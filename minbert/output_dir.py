@@ -4,11 +4,36 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from .data import TASKS
 from .legacy_settings import current_settings
 from .io import TEMP_SUFFIX, published_dir, read_json_file, remove_stale_temps
+from .metrics_log import REPORT_TO
+from .settings import setting
+
+
+@dataclass
+class OutputSettings:
+    """The output group of flags: where the run writes, whether it starts over or continues, what it writes."""
+
+    output_dir: str = setting("runs/default", help="run folder: args.json, metrics.jsonl, best/ checkpoint, "
+                              "predictions/, results.json (not the current directory or a folder holding the data)")
+    overwrite_output_dir: bool = setting(False, help="replace the run (finished or not) in --output_dir")
+    save_steps: int = setting(200, bounds=(0, None), help="save the resumable state in OUTPUT_DIR/last every N "
+                                                          "steps (0: only at epoch ends)")
+    resume: bool = setting(False, help="continue the run in --output_dir from OUTPUT_DIR/last (same flags; "
+                                       "bit-identical on CPU)")
+    predict_only: bool = setting(False, help="no training: predict with --checkpoint")
+    checkpoint: str | None = setting(None, help="with --predict_only: a minbert checkpoint directory (e.g. "
+                                                "runs/default/best)")
+    skip_test_predictions: bool = setting(
+        False, help="do not read the test files nor write their prediction files (a run for its dev scores, "
+                    "e.g. the experiments' cpu profile)")
+    report_to: str = setting("none", choices=REPORT_TO,
+                             help="also log metrics.jsonl's numbers as TensorBoard scalars in OUTPUT_DIR/tensorboard "
+                                  "(needs: pip install tensorboard)")
 
 # What a run writes in --output_dir (--overwrite_output_dir removes these, and nothing else, before starting).
 RUN_OUTPUTS = ("args.json", "metrics.jsonl", "results.json", "last", "best", "predictions", "tensorboard")

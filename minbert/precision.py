@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .settings import flag_reader
+
 BF16_MODES = ("auto", "on", "off")
 # What --bf16 means when not given, in training, --predict_only, minbert-predict, minbert.load and the experiments
 # runner: bfloat16 where the device computes it natively, float32 elsewhere. The main job scored the same to three
@@ -89,3 +91,6 @@ def parse_bf16(text: str) -> str:
     if value not in BF16_MODES:
         raise ValueError(f"{text!r}: choose {', '.join(BF16_MODES)}")
     return value
+
+
+bf16_flag = flag_reader(parse_bf16)  # --bf16's reader, in every parser that has the flag

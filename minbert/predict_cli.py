@@ -20,13 +20,14 @@ import io
 import sys
 
 from .api import DEFAULT_BATCH_SIZE, SENTIMENT_LABELS, InferenceModel, MaxSeqLengthError, load
-from .cli import _bf16, _positive_int, _run_user_command
+from .cli import _run_user_command
 from .data import TASKS, blank_text_problem
 from .tasks import HEAD_ORDER
 from .io import atomic_write_text, json_text
-from .precision import DEFAULT_BF16
+from .precision import DEFAULT_BF16, bf16_flag
 from .output_policy import check_output_path
 from .predict_input import INPUT_FORMATS, read_inputs  # noqa: F401 (read_inputs: the --input reader)
+from .settings import positive_int
 
 PREDICT_TASKS = HEAD_ORDER
 FORMATS = ("text", "csv", "jsonl")
@@ -54,11 +55,11 @@ def predict_parser() -> argparse.ArgumentParser:
                    help="a minbert checkpoint (e.g. runs/main/best), a training run's --output_dir (its best/ is "
                         "used) or a minbert-export folder")
     g.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--bf16", type=_bf16, nargs="?", const="on", default=DEFAULT_BF16, metavar="{auto,on,off}",
+    g.add_argument("--bf16", type=bf16_flag, nargs="?", const="on", default=DEFAULT_BF16, metavar="{auto,on,off}",
                    help="bfloat16 autocast for the forward passes (weights stay float32); --bf16 alone = on; auto (the "
                         "default) = on where the device has native bfloat16, off elsewhere")
-    g.add_argument("--batch_size", type=_positive_int, default=DEFAULT_BATCH_SIZE, help="inputs per forward pass")
-    g.add_argument("--max_seq_length", type=_positive_int, default=None,
+    g.add_argument("--batch_size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="inputs per forward pass")
+    g.add_argument("--max_seq_length", type=positive_int, default=None,
                    help="truncate longer inputs, 5 to the model's max_position_embeddings, as in training (default: "
                         "the checkpoint's training limit; 128 for an export)")
     g = p.add_argument_group("input")

@@ -34,7 +34,7 @@ from .precision import resolve_bf16
 from .predict import prediction_path, write_predictions
 from .run_config import RunConfig
 from .tokenizer import load_tokenizer, pad_token_id
-from .trainer import NonFiniteError, Trainer, amp_dtype
+from .trainer import NonFiniteError, Trainer
 
 log = logging.getLogger("minbert")
 
@@ -101,7 +101,7 @@ def write_all_predictions(model, tensors: dict[tuple[str, str], TaskTensors], ou
             predictions[(task, split)] = dev_predictions[task]
             continue
         preds = predict_task(model, data, config.per_device_eval_batch_size, device, pad_id, desc=f"{split} {task}",
-                             amp_dtype=amp_dtype(config))
+                             amp_dtype=config.training.amp_dtype(config.multitask.smart_settings.ball))
         if not bool(torch.isfinite(preds).all()):
             raise NonFiniteError(f"{split} {task}: the model predicts non-finite values; no prediction file written")
         predictions[(task, split)] = preds
@@ -132,7 +132,7 @@ def run(config) -> dict[str, float]:
         MetricsLog.tensorboard_writer_class()  # a missing package fails before any data is read
     device = distributed.init(resolve_device(config.device))  # torchrun: join the process group; cuda:LOCAL_RANK
     # auto -> on/off, before args.json is written
-    config.bf16 = resolve_bf16(config.bf16, device, config.smart and config.smart_projection == "ball")
+    config.bf16 = resolve_bf16(config.bf16, device, config.multitask.smart_settings.ball)
     check_run_inputs(config.output_dir, {"--checkpoint": config.checkpoint if config.predict_only else None,
                                          "--model_name_or_path": None if config.predict_only else config.model_name_or_path},
                      config.overwrite_output_dir)

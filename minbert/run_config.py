@@ -1,59 +1,41 @@
-"""One training run's settings: a dataclass mirroring train_multitask.py's flags, checked in one place.
+"""One training run's settings: the composition of the settings groups, each declared once by the module that
+uses it, and checked in one place.
 
-The flags (their help, defaults and converters) are declared once, in ``minbert.cli.train_parser``; a
-RunConfig is built from what that parser returns: the command line, a ``--config`` file whose keys became the
-parser's defaults, or the argument lists of ``minbert.experiments``. :meth:`RunConfig.validate` then checks the
-whole resolved configuration (types, nulls, non-finite numbers, ranges, conflicting flags, the output directory,
-``--optim_args``) before anything is read or written. Its messages name the flag (``--warmup_ratio``) or, for
-a value that came from a config file, the file and key (``run.json: warmup_ratio``).
+Each group is a small dataclass whose fields are the flags of train_multitask.py (minbert.settings): the model's
+(multitask.ModelSettings), the data's (data.DataSettings), the training loop's (trainer_settings.TrainingSettings),
+the combiner's and SMART's (combiners.MultitaskSettings, smart.SmartSettings), the optimizer's
+(optim.build.OptimizerSettings) and the output's (output_dir.OutputSettings). ``minbert.cli.train_parser`` derives
+the flags from them; a RunConfig is built from what that parser returns: the command line, a ``--config`` file
+whose keys became the parser's defaults, or the argument lists of ``minbert.experiments``. Its flat view
+(``config.seed``, :meth:`RunConfig.to_dict`) is what args.json records. :meth:`RunConfig.validate` then checks the
+whole resolved configuration (types, nulls, non-finite numbers, ranges and choices from the fields, conflicting
+flags, the output directory, ``--optim_args``, the combiner) before anything is read or written. Its messages name
+the flag (``--warmup_ratio``) or, for a value that came from a config file, the file and key
+(``run.json: warmup_ratio``).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import re
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from .combiners import COMBINERS, PCGRAD_REDUCTIONS, build_combiner
+from .combiners import COMBINERS, MultitaskSettings
 from .config import PRESETS, BertConfig
-from .data import TASKS
-from .heads import DEFAULT_PARA_HEAD, DEFAULT_STS_HEAD, PARA_HEADS, STS_HEADS, pair_head_conflict
+from .data import TASKS, DataSettings
+from .heads import DEFAULT_PARA_HEAD, DEFAULT_STS_HEAD, pair_head_conflict
 from .legacy_settings import current_settings
 from .model import check_model_dir
-from .multitask import parse_pair_encoding, resolve_checkpoint
-from .optim import OPTIMIZERS
-from .pooling import POOLING_MODES
-from .precision import BF16_MODES
-from .smart import SMART_PROJECTIONS
+from .multitask import ModelSettings, PairEncoding, resolve_checkpoint
+from .optim.build import OptimizerSettings
+from .output_dir import OutputSettings
+from .settings import first_problem, from_flat, group, owner_of, setting, setting_names, to_flat
+from .tokenizer import seq_length_problem
+from .trainer_settings import TrainingSettings
 from .user_combiner import check_interface
 
-# Choices of the flags that take one of a few words, each from the module that implements them (the parser's
-# `choices` come from here too).
-POOLINGS = POOLING_MODES
-OPTIMIZER_NAMES = tuple(OPTIMIZERS)
-REPORT_TO = ("none", "tensorboard")
 
-from .tokenizer import MIN_SEQ_LENGTH, seq_length_problem  # noqa: E402,F401 (the one max_seq_length rule)
-SEED_RANGE = (0, 2**32 - 1)  # numpy's global generator takes 32-bit seeds
-
-# Numeric ranges, inclusive: (low, high), None for no bound. Every float must also be finite.
-RANGES: dict[str, tuple[float | None, float | None]] = {
-    "max_train_samples": (1, None), "max_eval_samples": (1, None), "seed": SEED_RANGE,
-    "per_device_train_batch_size": (1, None), "per_device_eval_batch_size": (1, None),
-    "learning_rate": (0, None), "head_learning_rate": (0, None), "num_train_epochs": (1, None),
-    "max_steps_per_epoch": (1, None), "weight_decay": (0, None), "warmup_ratio": (0, 1), "max_grad_norm": (0, None),
-    "max_bad_steps": (0, None), "logging_steps": (1, None), "iterations_multiplier": (1, None),
-    "smart_steps": (0, None), "smart_lambda": (0, None), "smart_eta": (0, None), "smart_epsilon": (0, None),
-    "smart_sigma": (0, None), "bregman_mu": (0, None), "bregman_beta": (0, 1), "save_steps": (0, None),
-}
-CHOICES: dict[str, tuple[str, ...]] = {
-    "pooling": POOLINGS, "sts_head": tuple(STS_HEADS), "para_head": PARA_HEADS, "bf16": BF16_MODES, "smart_projection": SMART_PROJECTIONS,
-    "optim": OPTIMIZER_NAMES, "report_to": REPORT_TO, "pcgrad_reduction": PCGRAD_REDUCTIONS,
-}
 class ConfigError(ValueError):
     """A setting is wrong; ``from_file`` says whether the message names a config file (else a flag)."""
 
@@ -64,67 +46,18 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
-    """The settings of one run, field for field the flags of ``train_multitask.py`` (same names, same order;
-    their defaults and help are in ``minbert.cli.train_parser``)."""
+    """The settings of one run: ``--config`` and the groups of flags, in --help's order. Every flag is also an
+    attribute of the RunConfig itself (``config.seed`` is ``config.training.seed``)."""
 
-    config: str | None
-    # model
-    model_name_or_path: str
-    pooling: str
-    sts_head: str
-    para_head: str
-    pair_encoding: str
-    # data
-    data_dir: str
-    tasks: list[str]
-    max_seq_length: int | None
-    max_train_samples: int | None
-    max_eval_samples: int | None
-    skip_bad_rows: bool
-    # training
-    seed: int
-    per_device_train_batch_size: int
-    per_device_eval_batch_size: int
-    learning_rate: float
-    head_learning_rate: float
-    num_train_epochs: int
-    max_steps_per_epoch: int | None
-    weight_decay: float
-    warmup_ratio: float
-    max_grad_norm: float
-    max_bad_steps: int
-    logging_steps: int
-    device: str
-    bf16: str
-    torch_compile: bool
-    # multitask
-    combiner: str
-    combiner_args: str | None
-    iterations_multiplier: int
-    smart: bool
-    smart_steps: int
-    smart_lambda: float
-    smart_eta: float
-    smart_projection: str
-    smart_epsilon: float | None
-    smart_sigma: float
-    bregman: bool
-    bregman_mu: float
-    bregman_beta: float
-    trust_combiner_code: bool
-    pcgrad_reduction: str
-    # optimizer
-    optim: str
-    optim_args: str | None
-    # output
-    output_dir: str
-    overwrite_output_dir: bool
-    save_steps: int
-    resume: bool
-    predict_only: bool
-    checkpoint: str | None
-    skip_test_predictions: bool
-    report_to: str
+    config: str | None = setting(None, metavar="FILE.json",
+                                 help="read flags from a JSON object (keys = flag names without dashes, e.g. a run's "
+                                      "args.json); flags given on the command line override it")
+    model: ModelSettings = group(ModelSettings, "model")
+    data: DataSettings = group(DataSettings, "data")
+    training: TrainingSettings = group(TrainingSettings, "training")
+    multitask: MultitaskSettings = group(MultitaskSettings, "multitask")
+    optimizer: OptimizerSettings = group(OptimizerSettings, "optimizer")
+    output: OutputSettings = group(OutputSettings, "output")
 
     # The config file each key came from, for the keys a --config file set (not a field: not in args.json).
     from_file: ClassVar[dict[str, str]] = {}
@@ -134,21 +67,13 @@ class RunConfig:
     def from_namespace(cls, args, from_file: dict[str, str] | None = None) -> "RunConfig":
         """From the parser's namespace (``from_file``: key -> the --config file that set it). Copies, checks
         nothing: :meth:`validate` does."""
-        values = dict(vars(args))
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in values]
-        extra = [k for k in values if k not in {f.name for f in dataclasses.fields(cls)}]
-        if missing or extra:  # a flag added to train_parser needs its field here (and the other way round)
-            raise TypeError(f"RunConfig and train_parser disagree: fields without a flag {missing}, "
-                            f"flags without a field {extra}")
-        if isinstance(values["optim_args"], list):  # the M-FAC cards pass it unquoted: several shell words
-            values["optim_args"] = " ".join(map(str, values["optim_args"]))
-        config = cls(**current_settings(values))
+        config = from_flat(cls, current_settings(dict(vars(args))))
         config.from_file = dict(from_file or {})
         return config
 
     def to_dict(self) -> dict:
         """The flags and their values (what run() writes to args.json, which --config reads back)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return to_flat(self)
 
     # ------------------------------------------------------------------------------------------ checking
     def where(self, key: str, value=None) -> str:
@@ -172,8 +97,7 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """Check everything that can be checked before a file is read or written; raise ConfigError."""
-        self._check_types()
-        self._check_ranges()
+        self._check_settings()
         self._check_combinations()
         self._check_pair_encoding()
         self._check_paths()
@@ -182,44 +106,19 @@ class RunConfig:
         self._check_combiner()  # last: a user's combiner is imported only by a run that passed every other check
         return self
 
-    def _check_types(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value, hint = getattr(self, f.name), hints[f.name]
-            args = typing.get_args(hint)
-            optional = type(None) in args
-            base = next((a for a in args if a is not type(None)), hint) if optional else hint
-            if value is None:
-                if not optional:
-                    self.fail(f.name, f"expected {_kind(base)}, got null")
-                continue
-            if not _is_instance(value, base):
-                self.fail(f.name, f"expected {_kind(base)}, got {value!r}")
-            if isinstance(value, float) and not math.isfinite(value):
-                self.fail(f.name, f"must be a finite number, got {value}")
-            if isinstance(value, str) and not value.strip() and f.name not in ("optim_args",):
-                self.fail(f.name, "must not be empty")
-
-    def _check_ranges(self) -> None:
-        for key, (low, high) in RANGES.items():
-            value = getattr(self, key)
-            if value is None:
-                continue
-            if (low is not None and value < low) or (high is not None and value > high):
-                bound = (f"in [{low}, {high}]" if low is not None and high is not None
-                         else f">= {low}" if low is not None else f"<= {high}")
-                self.fail(key, f"must be {bound}, got {value}")
-        for key, choices in CHOICES.items():
-            if getattr(self, key) not in choices:
-                self.fail(key, f"choose from {', '.join(choices)}", getattr(self, key))
+    def _check_settings(self) -> None:
+        problem = first_problem(self)  # each field's type, range and choices
+        if problem:
+            self.fail(*problem)
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
             self.fail("tasks", f"unknown task {', '.join(map(repr, bad)) or 'list: empty'} "
                                f"(choose from {', '.join(TASKS)})")
         if len(set(self.tasks)) != len(self.tasks):
             self.fail("tasks", f"a task is listed twice: {','.join(self.tasks)}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            self.fail("device", "choose auto, cpu or cuda", self.device)
+        problem = self.training.device_problem()
+        if problem:
+            self.fail("device", problem, self.device)
 
     def _check_combinations(self) -> None:
         if self.predict_only and not self.checkpoint:
@@ -239,12 +138,14 @@ class RunConfig:
                       "rounding; drop --bf16 or use --smart_projection library", others=("bf16",), sep=" ")
 
     def _check_pair_encoding(self) -> None:
-        try:
-            encoding = parse_pair_encoding(self.pair_encoding)
-        except ValueError as e:
-            self.fail("pair_encoding", str(e), self.pair_encoding)
+        encoding = self.pair_encoding  # parsed when read (multitask.PairEncoding); here only if set by hand
+        if not isinstance(encoding, PairEncoding):
+            try:
+                encoding = self.model.pair_encoding = PairEncoding(encoding)
+            except ValueError as e:
+                self.fail("pair_encoding", str(e), self.pair_encoding)
         given = {"sts_head": (self.sts_head, DEFAULT_STS_HEAD), "para_head": (self.para_head, DEFAULT_PARA_HEAD)}
-        conflict = pair_head_conflict(encoding, self.tasks, given)
+        conflict = pair_head_conflict(encoding.by_task, self.tasks, given)
         if conflict:  # the message names both flags; and the config file, if one set either
             files = [self.from_file[k] for k in ("pair_encoding", "sts_head", "para_head") if k in self.from_file]
             raise ConfigError(f"{files[0]}: {conflict}" if files else conflict, bool(files))
@@ -260,7 +161,7 @@ class RunConfig:
             self.fail("combiner", "names code to import and run; pass --trust_combiner_code on the command line "
                       "if you trust it", self.combiner)
         try:
-            combiner = build_combiner(self.combiner, self.seed, self.combiner_args)
+            combiner = self.multitask.built_combiner(self.seed)  # the instance the Trainer trains with
             if user_code:
                 check_interface(combiner, self.combiner)
         except ValueError as e:  # the message names the flag already
@@ -314,29 +215,23 @@ class RunConfig:
             self.fail("max_seq_length", problem)
 
     def _check_optim_args(self) -> None:
-        from .optim.build import check_optim_args
-
         try:
-            check_optim_args(self.optim, self.optim_args)
+            self.optimizer.options()  # parsed once: the optimizer is built from this result
         except ValueError as e:
             self.fail_with("optim_args", str(e).splitlines()[0])
 
 
-def _is_instance(value, base) -> bool:
-    if base is bool:
-        return isinstance(value, bool)
-    if base is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if base is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if typing.get_origin(base) is list:
-        (item,) = typing.get_args(base)
-        return isinstance(value, list) and all(_is_instance(v, item) for v in value)
-    return isinstance(value, base)
+def _flat_property(name: str) -> property:
+    def get(self):
+        return getattr(owner_of(self, name), name)
+
+    def put(self, value):
+        setattr(owner_of(self, name), name, value)
+
+    return property(get, put, doc=f"--{name}")
 
 
-def _kind(base) -> str:
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    if typing.get_origin(base) is list:
-        return "a list of strings"
-    return names.get(base, getattr(base, "__name__", str(base)))
+# The flat view: every flag is an attribute of a RunConfig (what args.json records), read from its group.
+for _name in setting_names(RunConfig):
+    if _name not in {f.name for f in dataclasses.fields(RunConfig)}:
+        setattr(RunConfig, _name, _flat_property(_name))

@@ -37,12 +37,15 @@ pass. Only the final perturbed pass, which the training gradient needs, keeps it
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from .settings import setting
 
 # The report's settings (§4.4), also the paper's defaults: λ, η, ε, σ; plus the Bregman proximal point's μ, β.
 SMART_LAMBDA, SMART_ETA, SMART_EPSILON, SMART_SIGMA, SMART_STEPS = 5.0, 1e-3, 1e-5, 1e-5, 1
@@ -53,6 +56,47 @@ SMART_PROJECTIONS = ("library", "library_early", "ball")
 SMART_PROJECTION = "library"
 # Names an older minbert wrote to args.json: "none" was the MT-DNN 0d6201e form (the default until 2026-12).
 LEGACY_PROJECTIONS = {"none": "library_early"}
+
+
+def projection_flag(text: str) -> str:
+    """--smart_projection's reader: the legacy name ``none`` (MT-DNN 0d6201e, minbert's default before 2026-12) is
+    library_early; any other value goes to the choices check unchanged."""
+    return LEGACY_PROJECTIONS.get(text, text)
+
+
+@dataclass
+class SmartSettings:
+    """SMART's flags (in the multitask group)."""
+
+    smart: bool = setting(False, help="add SMART's smoothness-inducing adversarial regularizer to every task loss "
+                                      "(Jiang et al. 2020)")
+    smart_steps: int = setting(SMART_STEPS, bounds=(0, None), help="SMART: ascent steps on the perturbation")
+    smart_lambda: float = setting(SMART_LAMBDA, bounds=(0, None), help="SMART: regularizer weight lambda")
+    smart_eta: float = setting(SMART_ETA, bounds=(0, None), help="SMART: ascent step size eta")
+    smart_projection: str = setting(
+        SMART_PROJECTION, choices=SMART_PROJECTIONS, parse=projection_flag,
+        help="SMART's perturbation: library = the MT-DNN library today (namisan/mt-dnn perturbation.py "
+             "at 676b48b, as archinetai/smart-pytorch): noise, then per token (noise + eta * grad) / "
+             "(max|noise + eta * grad| + epsilon), so |delta| is about 1; library_early = its early form "
+             "(mt-dnn 0d6201e, minbert's default before 2026-12, old name none): x + eta * per-token "
+             "normalized gradient, |delta| about eta; ball = the paper's Algorithm 1 read literally "
+             "(projected into the max-norm ball of radius epsilon); docs/multitask.md")
+    smart_epsilon: float | None = setting(
+        None, bounds=(0, None),
+        help="SMART: with library the normalization's stabiliser (default 1e-5, the report's); with ball "
+             "the max-norm radius (default 1e-5); with library_early the stabiliser (default 1e-30)")
+    smart_sigma: float = setting(SMART_SIGMA, bounds=(0, None), help="SMART: initial noise std sigma")
+    bregman: bool = setting(False, help="with --smart: add the Bregman proximal-point term against an EMA copy of "
+                                        "the model")
+    bregman_mu: float = setting(BREGMAN_MU, bounds=(0, None), help="Bregman proximal point: weight mu")
+    bregman_beta: float = setting(
+        BREGMAN_BETA, bounds=(0, 1),
+        help="Bregman proximal point: EMA momentum beta (theta~ <- beta*theta~ + (1-beta)*theta after each step)")
+
+    @property
+    def ball(self) -> bool:
+        """SMART with the paper-literal projection, which needs float32 (--bf16 auto turns bfloat16 off)."""
+        return self.smart and self.smart_projection == "ball"
 
 
 def projection_name(projection: str) -> str:
@@ -232,10 +276,17 @@ class SmartRegularizer:
         self._last: dict[str, torch.Tensor] = {}  # λ R_s of the last call per task, detached (read lazily)
 
     @classmethod
+    def from_settings(cls, smart: "SmartSettings") -> "SmartRegularizer":
+        return cls(lam=smart.smart_lambda, steps=smart.smart_steps, eta=smart.smart_eta, epsilon=smart.smart_epsilon,
+                   sigma=smart.smart_sigma, bregman=smart.bregman, bregman_mu=smart.bregman_mu,
+                   bregman_beta=smart.bregman_beta, projection=smart.smart_projection)
+
+    @classmethod
     def from_args(cls, args) -> "SmartRegularizer":
-        return cls(lam=args.smart_lambda, steps=args.smart_steps, eta=args.smart_eta, epsilon=args.smart_epsilon,
-                   sigma=args.smart_sigma, bregman=args.bregman, bregman_mu=args.bregman_mu,
-                   bregman_beta=args.bregman_beta, projection=getattr(args, "smart_projection", SMART_PROJECTION))
+        """From a RunConfig or the training parser's namespace (its SMART flags)."""
+        if hasattr(args, "multitask"):
+            return cls.from_settings(args.multitask.smart_settings)
+        return cls.from_settings(SmartSettings(**{f.name: getattr(args, f.name) for f in fields(SmartSettings)}))
 
     @property
     def last_values(self) -> dict[str, float]:

@@ -21,15 +21,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint_state, distributed
-from .combiners import StepContext, build_combiner
-from .precision import resolve_bf16
+from .combiners import StepContext
 from .progress import ProgressLog
 from .data import TaskStream, TaskTensors
 from .distributed import predict_task  # under torchrun each rank predicts a share; alone, predict.predict_task
 from .metrics import overall_score, task_score
 from .metrics_log import MetricsLog
 from .multitask import MultitaskBert
-from .optim.build import linear_schedule, optimizer_for_run
+from .optim.build import build_run_optimizer, linear_schedule
+from .run_config import RunConfig
 from .tokenizer import pad_token_id
 from .trainer_state import ResumableState
 from .user_combiner import checked_step
@@ -45,25 +45,14 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training: raised after `last` was written."""
 
 
-def amp_dtype(config) -> torch.dtype | None:
-    """--bf16: bfloat16 autocast for forward passes and losses (weights, gradients and optimizer state stay float32).
-    run() resolves ``auto`` before training; a caller that did not gets it resolved for the CPU or CUDA here."""
-    mode = getattr(config, "bf16", "off")
-    if mode == "auto":
-        cuda = torch.cuda.is_available() and getattr(config, "device", "auto") != "cpu"
-        ball = getattr(config, "smart", False) and getattr(config, "smart_projection", "library") == "ball"
-        mode = resolve_bf16(mode, torch.device("cuda" if cuda else "cpu"), ball)
-    return torch.bfloat16 if mode in ("on", True) else None
-
-
-def evaluate(model: MultitaskBert, dev: dict[str, TaskTensors], config, device: torch.device,
-             pad_id: int, predictions: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-    """Dev scores of every task, and the overall score; ``predictions``, if given, receives each task's
-    predictions (the run writes the best epoch's as its dev prediction files instead of predicting again)."""
+def evaluate(model: MultitaskBert, dev: dict[str, TaskTensors], batch_size: int, amp: torch.dtype | None,
+             device: torch.device, pad_id: int, predictions: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Dev scores of every task, and the overall score (``amp``: the autocast dtype of --bf16, or None);
+    ``predictions``, if given, receives each task's predictions (the run writes the best epoch's as its dev
+    prediction files instead of predicting again)."""
     scores = {}
     for task, data in dev.items():
-        preds = predict_task(model, data, config.per_device_eval_batch_size, device, pad_id, desc=f"dev {task}",
-                             amp_dtype=amp_dtype(config))
+        preds = predict_task(model, data, batch_size, device, pad_id, desc=f"dev {task}", amp_dtype=amp)
         if not bool(torch.isfinite(preds).all()):
             raise NonFiniteError(f"dev {task}: the model predicts non-finite values (the run diverged); try a "
                                  "lower --learning_rate")
@@ -88,24 +77,30 @@ class Trainer(ResumableState):
 
     def __init__(self, config, model: MultitaskBert, train: dict[str, TaskTensors], dev: dict[str, TaskTensors],
                  device: torch.device, tokenizer, out_dir: Path, metrics: MetricsLog | None):
-        self.args, self.model, self.dev, self.device = config, model, dev, device
+        """``config``: the run's RunConfig (or the training parser's namespace); each part of the loop reads its
+        own group of it: the loop the training group, the optimizer its group, the combiner and SMART theirs."""
+        self.args = config = config if isinstance(config, RunConfig) else RunConfig.from_namespace(config)
+        self.training, self.save_steps = config.training, config.output.save_steps
+        self.model, self.dev, self.device = model, dev, device
         self.tokenizer, self.pad_id = tokenizer, pad_token_id(tokenizer)
         self.out_dir, self.metrics = out_dir, metrics
-        self.tasks = list(config.tasks)
+        self.tasks = list(config.data.tasks)
+        t, multitask = config.training, config.multitask
         # Under torchrun the streams yield the global batch (N ranks x the per-device batch), the same on every rank;
         # each rank trains on its share (train_step), so all ranks run the same steps (docs/distributed.md).
-        global_batch = config.per_device_train_batch_size * distributed.world_size()
-        self.streams = {t: TaskStream(train[t], global_batch, config.seed, i) for i, t in enumerate(self.tasks)}
-        self.steps_per_epoch = config.iterations_multiplier * min(s.batches_per_pass for s in self.streams.values())
-        if config.max_steps_per_epoch:
-            self.steps_per_epoch = min(self.steps_per_epoch, config.max_steps_per_epoch)
-        self.total_steps = self.steps_per_epoch * config.num_train_epochs
-        self.optimizer = optimizer_for_run(config, model)
-        self.scheduler = linear_schedule(self.optimizer, int(config.warmup_ratio * self.total_steps), self.total_steps)
-        self.combiner = build_combiner(config.combiner, config.seed, config.combiner_args,
-                                       pcgrad_reduction=getattr(config, "pcgrad_reduction", "mean"))
-        self.combiner_step = self.combiner.step if ":" not in config.combiner else checked_step(
-            self.combiner, config.combiner, (NonFiniteError, MemoryError))  # a user's: one line if it misbehaves
+        global_batch = t.per_device_train_batch_size * distributed.world_size()
+        self.streams = {task: TaskStream(train[task], global_batch, t.seed, i) for i, task in enumerate(self.tasks)}
+        self.steps_per_epoch = multitask.iterations_multiplier * min(s.batches_per_pass for s in self.streams.values())
+        if t.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, t.max_steps_per_epoch)
+        self.total_steps = self.steps_per_epoch * t.num_train_epochs
+        self.optimizer = build_run_optimizer(config.optimizer, model, t.learning_rate, t.weight_decay,
+                                             t.head_learning_rate)
+        self.scheduler = linear_schedule(self.optimizer, int(t.warmup_ratio * self.total_steps), self.total_steps)
+        self.combiner = multitask.take_combiner(t.seed)  # the instance the settings check built, if it ran
+        self.combiner_step = self.combiner.step if ":" not in multitask.combiner else checked_step(
+            self.combiner, multitask.combiner, (NonFiniteError, MemoryError))  # a user's: one line if it misbehaves
+        self.amp = t.amp_dtype(multitask.smart_settings.ball)  # --bf16's autocast dtype, or None
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.shared_params = model.shared_parameters()
         self.bad_steps = 0  # non-finite steps skipped in total
@@ -130,10 +125,10 @@ class Trainer(ResumableState):
         self._step_delay = float(os.environ.get("MINBERT_TEST_STEP_DELAY") or 0)  # test-only: slow steps down
         self.progress: ProgressLog | None = None  # made when training starts (its clock times this process's steps)
         self.smart = None
-        if getattr(config, "smart", False):
+        if multitask.smart_settings.smart:
             from .smart import SmartRegularizer
 
-            self.smart = SmartRegularizer.from_args(config)
+            self.smart = SmartRegularizer.from_settings(multitask.smart_settings)
 
     # ------------------------------------------------------------------------------------------ one step
     def batches(self, step: int):
@@ -153,7 +148,7 @@ class Trainer(ResumableState):
         """One task's loss on its batch: forward (autocast with --bf16), the head's loss, SMART's term."""
         if batch is None:  # torchrun: a last batch smaller than the number of ranks left none for this one
             return torch.zeros((), device=self.device, requires_grad=True)
-        amp = amp_dtype(self.args)  # --bf16: autocast the forward pass and loss; backward runs outside it
+        amp = self.amp  # --bf16: autocast the forward pass and loss; backward runs outside it
         with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
             embeds = self.model.embed_inputs(batch)
             output = self.model.forward_embedded(task, embeds, batch)
@@ -191,18 +186,18 @@ class Trainer(ResumableState):
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
         ok = bool(torch.isfinite(norm))
         if ok:
-            if self.args.max_grad_norm:
-                torch.nn.utils.clip_grads_with_norm_(self.params, self.args.max_grad_norm, norm)
+            if self.training.max_grad_norm:
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.training.max_grad_norm, norm)
             self.optimizer.step()
             self.bad_in_a_row = 0
         else:
             self.bad_steps += 1
             self.bad_in_a_row += 1
         self.optimizer.zero_grad(set_to_none=True)
-        if self.bad_in_a_row > self.args.max_bad_steps:
+        if self.bad_in_a_row > self.training.max_bad_steps:
             raise NonFiniteError(
                 f"{self.bad_in_a_row} steps in a row had a non-finite loss or gradient (--max_bad_steps "
-                f"{self.args.max_bad_steps}); stopping. Try a lower --learning_rate or --max_grad_norm 1.0"
+                f"{self.training.max_bad_steps}); stopping. Try a lower --learning_rate or --max_grad_norm 1.0"
             )
         return ok
 
@@ -221,7 +216,7 @@ class Trainer(ResumableState):
             checkpoint_state.set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
         with stop_on_sigint(self):
-            for epoch in range(self.global_step // self.steps_per_epoch, self.args.num_train_epochs):
+            for epoch in range(self.global_step // self.steps_per_epoch, self.training.num_train_epochs):
                 t0 = self.train_epoch(epoch)
                 self.end_epoch(epoch, t0)
         if self.best_state is not None:
@@ -236,11 +231,11 @@ class Trainer(ResumableState):
             self.running = {t: [] for t in self.tasks}
             self.epoch_examples, self.epoch_seconds = 0, 0.0
         t0 = time.perf_counter() - self.epoch_seconds
-        bar = tqdm(range(first, spe), initial=first, total=spe, desc=f"epoch {epoch + 1}/{self.args.num_train_epochs}",
+        bar = tqdm(range(first, spe), initial=first, total=spe, desc=f"epoch {epoch + 1}/{self.training.num_train_epochs}",
                    disable=None if distributed.is_main() else True)
-        log_every = max(1, self.args.logging_steps)
+        log_every = max(1, self.training.logging_steps)
         if self.progress is None:  # a log file gets a progress line where a terminal gets tqdm's bar
-            self.progress = ProgressLog(self.total_steps, self.args.num_train_epochs, start_step=self.global_step,
+            self.progress = ProgressLog(self.total_steps, self.training.num_train_epochs, start_step=self.global_step,
                                         enabled=None if distributed.is_main() else False)
         for s in bar:
             step = epoch * spe + s
@@ -254,7 +249,7 @@ class Trainer(ResumableState):
             self.epoch_seconds = time.perf_counter() - t0
             self._test_hooks()
             if s < spe - 1:  # the epoch's last step is saved after its evaluation (end_epoch)
-                if self.should_stop() or (self.args.save_steps and self.global_step % self.args.save_steps == 0):
+                if self.should_stop() or (self.save_steps and self.global_step % self.save_steps == 0):
                     self.save_last()
                 if self.should_stop():
                     raise self._interrupted()
@@ -282,7 +277,8 @@ class Trainer(ResumableState):
                         "should be identical", epoch + 1, diff)
         check_finite_weights(self.model, f"epoch {epoch + 1}")
         predictions: dict[str, torch.Tensor] = {}
-        scores = evaluate(self.model, self.dev, self.args, self.device, self.pad_id, predictions)
+        scores = evaluate(self.model, self.dev, self.training.per_device_eval_batch_size, self.amp, self.device,
+                          self.pad_id, predictions)
         bad = [k for k, v in scores.items() if not math.isfinite(v)]
         if bad:
             raise NonFiniteError(f"epoch {epoch + 1}: the dev score of {', '.join(bad)} is not finite "

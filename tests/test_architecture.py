@@ -1,5 +1,5 @@
-"""The package's layout: no import cycle anywhere in minbert/, the training run's modules stay small, and the run
-configuration mirrors the command line's flags."""
+"""The package's layout: no import cycle anywhere in minbert/, the training run's modules stay small, and the
+command line's flags are the run configuration's settings, declared once."""
 from __future__ import annotations
 
 import ast
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from minbert.cli import train_parser
 from minbert.run_config import RunConfig
+from minbert.settings import setting_names
 
 from .conftest import ROOT
 
@@ -97,8 +98,12 @@ def test_training_run_modules_hold_one_concern_each_and_stay_small():
         assert lines <= 350, f"minbert/{name} has {lines} lines"
 
 
-def test_run_config_mirrors_the_flags():
+def test_the_flags_are_the_settings_declared_on_the_dataclasses():
     flags = [a.dest for a in train_parser()._actions if a.dest != "help"]
-    assert [f.name for f in dataclasses.fields(RunConfig)] == flags
+    assert setting_names(RunConfig) == flags
     defaults = RunConfig.from_namespace(train_parser().parse_args([]))
-    assert defaults.learning_rate == train_parser().get_default("learning_rate")
+    assert list(defaults.to_dict()) == flags  # args.json: every flag, in --help's order
+    assert defaults.to_dict() == RunConfig().to_dict()  # the parser's defaults are the fields' defaults
+    assert defaults.learning_rate == defaults.training.learning_rate == train_parser().get_default("learning_rate")
+    groups = {f.name for f in dataclasses.fields(RunConfig)}
+    assert groups == {"config", "model", "data", "training", "multitask", "optimizer", "output"}

@@ -20,9 +20,8 @@ ALLOWED = {
     # types, and "sst2" names the card's setting; neither defines the task.
     ("experiments/cards.py", "sst2"),
     ("experiments/command.py", "sst2"),
-    # --sts_head is a public flag (the bi-encoder's similarity head; tasks.TaskSpec.head_flag names it): the
-    # parser defines it and the experiment rows pass it, as a user would.
-    ("cli.py", "--sts_head"),
+    # --sts_head is a public flag (the bi-encoder's similarity head; tasks.TaskSpec.head_flag names it; declared as
+    # the field multitask.ModelSettings.sts_head): the experiment rows pass it, as a user would.
     ("experiments/profiles.py", "--sts_head"),
 }
 
@@ -84,7 +83,7 @@ def test_the_scan_finds_a_literal():
               'w = "--sst_weight"\n')
     assert [h.split(": ", 1)[1] for h in literal_task_names(source, "m.py")] == [
         "'qqp'", "'/ids-sst-dev.csv'", "'sts-test-output.csv'", "'--sst_weight'"]
-    assert literal_task_names('x = "--sts_head"\n', "cli.py") == []
+    assert literal_task_names('x = "--sts_head"\n', "experiments/profiles.py") == []
     assert literal_task_names('x = "--sts_head"\n', "run.py") == ["minbert/run.py:1: '--sts_head'"]
 
 

@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
 def parse_seeds(p: argparse.ArgumentParser, text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
-    from ..run_config import SEED_RANGE
+    from ..trainer_settings import SEED_RANGE
 
     try:
         items = comma_list(text, "--seeds")  # the list rule of every flag: no empty or repeated item

@@ -29,7 +29,8 @@ METRICS = (*LEADERBOARD_TASKS, OVERALL)
 
 
 def train_entry_point():
-    """The function that trains one run from parsed train_multitask.py arguments (the one place it is imported)."""
+    """The function that trains one run from its checked RunConfig (or parsed train_multitask.py arguments); the
+    one place it is imported."""
     from ..run import run
 
     return run
@@ -65,12 +66,11 @@ def run_row(row: Row, argv: list[str], overwrite: bool) -> dict:
         argv = argv + ["--overwrite_output_dir"]
     elif _has_unfinished_run(directory):
         argv = argv + ["--resume"]
-    args = parser.parse_args(argv)
-    check_train_args(parser, args)
+    config = check_train_args(parser, parser.parse_args(argv))  # trained as checked: its combiner is built once
     log.info("%s (%s): train_multitask.py %s", row.key, row.name, shlex.join(argv))
     t0 = time.perf_counter()
     try:
-        scores = train_entry_point()(args)
+        scores = train_entry_point()(config)
     except (ValueError, RuntimeError, MemoryError, OSError) as e:  # e.g. out of memory: record it, go on
         msg = first_line(e)
         log.error("%s failed: %s", row.key, msg)

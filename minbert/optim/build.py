@@ -12,9 +12,11 @@ get their own learning rate (``--head_learning_rate``). ``--optim_args`` holds t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from ..settings import setting
 from . import OPTIMIZERS, build_optimizer, parse_optim_args
 
 # What each option of --optim_args must be: a number >= 0, a number > 0, a positive integer, a pair of
@@ -83,21 +85,57 @@ def param_groups(model: torch.nn.Module, weight_decay: float, head_lr: float | N
     return out
 
 
+@dataclass
+class OptimizerSettings:
+    """The optimizer group of flags (the learning rates and weight decay are the training group's)."""
+
+    optim: str = setting("adamw", parse=str.lower, choices=OPTIMIZERS,
+                         help="adamw (torch, fused) or mfac (M-FAC, see docs/mfac.md); case-insensitive")
+    optim_args: str | None = setting(
+        None, nargs="+", parse=str, allow_empty=True,
+        help="optimizer options, JSON or 'key: value, ...' as in the M-FAC cards, quoted or not "
+             "(e.g. lr: 1e-4, num_grads: 1024, damp: 1e-6); lr replaces --learning_rate (the encoder's; "
+             "the heads keep --head_learning_rate), weight_decay replaces --weight_decay in every group "
+             "that decays, other keys apply to every group (docs/mfac.md)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.optim_args, list):  # the M-FAC cards pass it unquoted: several shell words
+            self.optim_args = " ".join(map(str, self.optim_args))
+
+    def options(self) -> dict:
+        """--optim_args parsed and checked for --optim, once (the settings check parses it, the optimizer is
+        built from the same result); a ValueError says what is wrong without naming the flag."""
+        key = (self.optim, self.optim_args)
+        if getattr(self, "_options", (None,))[0] != key:
+            self._options = (key, check_optim_args(self.optim, self.optim_args))
+        return dict(self._options[1])
+
+
 def optimizer_for_run(config, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The optimizer of a run (``config``: a RunConfig or the parser's namespace) over ``model``'s groups."""
-    options = check_optim_args(config.optim, config.optim_args)
-    lr = options.pop("lr", config.learning_rate)
-    weight_decay = options.pop("weight_decay", config.weight_decay)
-    if config.optim == "adamw":
+    settings = getattr(config, "optimizer", None)
+    if not isinstance(settings, OptimizerSettings):  # the parser's namespace
+        settings = OptimizerSettings(config.optim, config.optim_args)
+    return build_run_optimizer(settings, model, config.learning_rate, config.weight_decay, config.head_learning_rate)
+
+
+def build_run_optimizer(settings: OptimizerSettings, model: torch.nn.Module, learning_rate: float,
+                        weight_decay: float, head_learning_rate: float) -> torch.optim.Optimizer:
+    """--optim with --optim_args over ``model``'s param groups; ``learning_rate`` and ``weight_decay`` unless
+    --optim_args sets them."""
+    options = settings.options()
+    lr = options.pop("lr", learning_rate)
+    weight_decay = options.pop("weight_decay", weight_decay)
+    if settings.optim == "adamw":
         # The fused kernel is one pass over each tensor: ~50x faster than the default per-tensor loop on CPU.
         options.setdefault("fused", True)
-    groups = param_groups(model, weight_decay, config.head_learning_rate)
+    groups = param_groups(model, weight_decay, head_learning_rate)
     try:
-        return build_optimizer(config.optim, groups, lr, weight_decay, options)
+        return build_optimizer(settings.optim, groups, lr, weight_decay, options)
     except ValueError as e:  # the optimizer's own range checks (e.g. MFAC's momentum < 1)
-        if not config.optim_args:
+        if not settings.optim_args:
             raise
-        raise ValueError(f"--optim_args {config.optim_args}: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"--optim_args {settings.optim_args}: {str(e).splitlines()[0]}") from None
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
