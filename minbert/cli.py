@@ -58,6 +58,7 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_dir", default="data", help="folder holding the CS224N task files")
     g.add_argument("--tasks", type=_tasks, default=list(DEFAULT_TASKS),
                    help="comma-separated tasks: sst,qqp,sts (default), or sst2 (SST-2 built from the SST files)")
+    g.add_argument("--task_spec", metavar="FILE.json", default=None, help="tasks of your own, trained beside --tasks (docs/tasks.md)")
     g.add_argument("--max_seq_length", type=_positive_int, default=None,
                    help=f"truncate longer inputs, {MIN_SEQ_LENGTH} tokens at least (a pair needs [CLS] a [SEP] b "
                         "[SEP]) and at most the model's max_position_embeddings (default: the tokenizer's own limit: "

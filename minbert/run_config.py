@@ -77,6 +77,7 @@ class RunConfig:
     # data
     data_dir: str
     tasks: list[str]
+    task_spec: str | dict | None  # a file's path; after validate() its checked content (minbert.user_tasks)
     max_seq_length: int | None
     max_train_samples: int | None
     max_eval_samples: int | None
@@ -177,6 +178,7 @@ class RunConfig:
         self._check_combinations()
         self._check_pair_encoding()
         self._check_paths()
+        self._check_task_spec()
         self._check_max_seq_length()
         self._check_optim_args()
         self._check_combiner()  # last: a user's combiner is imported only by a run that passed every other check
@@ -188,12 +190,13 @@ class RunConfig:
             value, hint = getattr(self, f.name), hints[f.name]
             args = typing.get_args(hint)
             optional = type(None) in args
-            base = next((a for a in args if a is not type(None)), hint) if optional else hint
+            bases = [a for a in args if a is not type(None)] if optional else [hint]
+            base = bases[0]
             if value is None:
                 if not optional:
                     self.fail(f.name, f"expected {_kind(base)}, got null")
                 continue
-            if not _is_instance(value, base):
+            if not any(_is_instance(value, b) for b in bases):
                 self.fail(f.name, f"expected {_kind(base)}, got {value!r}")
             if isinstance(value, float) and not math.isfinite(value):
                 self.fail(f.name, f"must be a finite number, got {value}")
@@ -293,6 +296,20 @@ class RunConfig:
         if out == data or out in data.parents:
             self.fail("output_dir", f"holds the data ({self.data_dir}); name a folder of its own for the run",
                       self.output_dir)
+
+    def _check_task_spec(self) -> None:
+        """--task_spec: a file's path (or, from args.json or Python, its content), kept as checked content."""
+        from .user_tasks import TaskSpecError, check_data_files, parse_task_spec, read_task_spec
+
+        spec, source = self.task_spec, self.where("task_spec")
+        if spec is None:
+            return
+        try:
+            self.task_spec = read_task_spec(spec) if isinstance(spec, str) else parse_task_spec(spec, source)
+            splits = ("dev", "test") if self.predict_only else ("train", "dev", "test")
+            check_data_files(self.task_spec, self.data_dir, spec if isinstance(spec, str) else source, splits)
+        except TaskSpecError as e:
+            raise ConfigError(str(e), from_file=True) from None
 
     def model_config(self) -> BertConfig:
         """The encoder's architecture: the preset's, or the config.json of the model or --predict_only checkpoint."""

@@ -33,6 +33,7 @@ from .optim.build import linear_schedule, optimizer_for_run
 from .tokenizer import pad_token_id
 from .trainer_state import ResumableState
 from .user_combiner import checked_step
+from .user_tasks import run_tasks
 
 log = logging.getLogger("minbert")
 
@@ -91,7 +92,7 @@ class Trainer(ResumableState):
         self.args, self.model, self.dev, self.device = config, model, dev, device
         self.tokenizer, self.pad_id = tokenizer, pad_token_id(tokenizer)
         self.out_dir, self.metrics = out_dir, metrics
-        self.tasks = list(config.tasks)
+        self.tasks = run_tasks(config)  # --tasks, then the tasks of --task_spec
         # Under torchrun the streams yield the global batch (N ranks x the per-device batch), the same on every rank;
         # each rank trains on its share (train_step), so all ranks run the same steps (docs/distributed.md).
         global_batch = config.per_device_train_batch_size * distributed.world_size()
