@@ -30,6 +30,7 @@ from .pooling import POOLING_MODES
 from .precision import BF16_MODES
 from .smart import SMART_PROJECTIONS
 from .user_combiner import check_interface
+from .user_tasks import TaskSpecError, checked_task_spec
 
 # Choices of the flags that take one of a few words, each from the module that implements them (the parser's
 # `choices` come from here too).
@@ -178,7 +179,6 @@ class RunConfig:
         self._check_combinations()
         self._check_pair_encoding()
         self._check_paths()
-        self._check_task_spec()
         self._check_max_seq_length()
         self._check_optim_args()
         self._check_combiner()  # last: a user's combiner is imported only by a run that passed every other check
@@ -190,13 +190,12 @@ class RunConfig:
             value, hint = getattr(self, f.name), hints[f.name]
             args = typing.get_args(hint)
             optional = type(None) in args
-            bases = [a for a in args if a is not type(None)] if optional else [hint]
-            base = bases[0]
+            base, *more = [a for a in args if a is not type(None)] if optional else [hint]
             if value is None:
                 if not optional:
                     self.fail(f.name, f"expected {_kind(base)}, got null")
                 continue
-            if not any(_is_instance(value, b) for b in bases):
+            if not any(_is_instance(value, b) for b in (base, *more)):
                 self.fail(f.name, f"expected {_kind(base)}, got {value!r}")
             if isinstance(value, float) and not math.isfinite(value):
                 self.fail(f.name, f"must be a finite number, got {value}")
@@ -296,18 +295,8 @@ class RunConfig:
         if out == data or out in data.parents:
             self.fail("output_dir", f"holds the data ({self.data_dir}); name a folder of its own for the run",
                       self.output_dir)
-
-    def _check_task_spec(self) -> None:
-        """--task_spec: a file's path (or, from args.json or Python, its content), kept as checked content."""
-        from .user_tasks import TaskSpecError, check_data_files, parse_task_spec, read_task_spec
-
-        spec, source = self.task_spec, self.where("task_spec")
-        if spec is None:
-            return
-        try:
-            self.task_spec = read_task_spec(spec) if isinstance(spec, str) else parse_task_spec(spec, source)
-            splits = ("dev", "test") if self.predict_only else ("train", "dev", "test")
-            check_data_files(self.task_spec, self.data_dir, spec if isinstance(spec, str) else source, splits)
+        try:  # --task_spec (files in --data_dir): a mistake names the spec file, or args.json's key, first
+            self.task_spec = checked_task_spec(self.task_spec, self.where("task_spec"), self.data_dir, self.predict_only)
         except TaskSpecError as e:
             raise ConfigError(str(e), from_file=True) from None
 

@@ -192,6 +192,17 @@ def check_data_files(content: dict, data_dir: str | Path, source: str, splits=SP
                 raise TaskSpecError(f"{source}: tasks[{i}].files.{split}: {path}: no such file")
 
 
+def checked_task_spec(spec, where: str, data_dir: str | Path, predict_only: bool = False) -> dict | None:
+    """RunConfig's --task_spec: a file's path (the command line) or its content (args.json, Python), as checked
+    content whose data files exist (a --predict_only run reads no training file)."""
+    if spec is None:
+        return None
+    content = read_task_spec(spec) if isinstance(spec, str) else parse_task_spec(spec, where)
+    check_data_files(content, data_dir, spec if isinstance(spec, str) else where,
+                     SPLIT_NAMES[1:] if predict_only else SPLIT_NAMES)
+    return content
+
+
 def stored_task_spec(run_dir: str | Path) -> dict | None:
     """The task spec a training run stored in its args.json (``run_dir``: the run folder), or None."""
     path = Path(run_dir) / "args.json"
