@@ -5,6 +5,7 @@
     model.predict_sentiment(["a gripping, funny film"])        # array([3]): class ids 0..4
     model.predict_paraphrase([("How old are you?", "What is your age?")], return_probabilities=True)
     model.predict_similarity([("A man plays a guitar.", "A man is playing guitar.")])  # 0..5
+    model.predict("stsbin", [("A man plays a guitar.", "A man is playing guitar.")])  # any task: docs/tasks.md
     model.encode(["a sentence"], normalize=True)               # (n, hidden) embeddings, the checkpoint's pooling
 
 Every method takes a list of inputs and returns NumPy arrays in the order of the inputs. Inputs are batched
@@ -175,6 +176,31 @@ class InferenceModel:
             return np.zeros(0, np.float32)
         outputs = self.head_outputs(SIMILARITY_TASK, pairs, batch_size)
         return self.model.heads[SIMILARITY_TASK].predict(outputs).numpy().astype(np.float32)
+
+    def predict(self, task: str, inputs: Sequence, return_probabilities: bool = False,
+                batch_size: int | None = None):
+        """Predictions of any task the checkpoint has a head for, built-in or of the user's own (``--task_spec``,
+        docs/tasks.md), as its prediction file holds them: class ids (int64) for a classification task, scores
+        (float32, clipped to the task's range) for a regression task; shape (n,). ``inputs``: sentences for a
+        single-sentence task, (sentence, sentence) pairs for a pair task. ``return_probabilities`` (classification
+        only): the pair (class ids, class probabilities of shape (n, classes); of shape (n,), the probability of
+        class 1, for a one-logit binary head such as qqp's)."""
+        if task not in self.model.heads:
+            raise ValueError(f"the checkpoint has no {task} head (it has: {', '.join(self.tasks)})")
+        spec, head = TASKS[task], self.model.heads[task]
+        if return_probabilities and spec.label_kind != "class":
+            raise ValueError(f"{task} is a regression task: it has scores, no class probabilities")
+        rows = _pairs(inputs) if spec.is_pair else [(t,) for t in _texts(inputs)]
+        dtype = np.int64 if spec.label_kind == "class" else np.float32
+        if not rows:
+            shape = (0,) if head.kind == "binary" else (0, spec.num_labels)
+            return (np.zeros(0, dtype), np.zeros(shape, np.float32)) if return_probabilities else np.zeros(0, dtype)
+        outputs = self.head_outputs(task, rows, batch_size)
+        predictions = head.predict(outputs).numpy().astype(dtype)
+        if not return_probabilities:
+            return predictions
+        probabilities = torch.sigmoid(outputs) if head.kind == "binary" else torch.softmax(outputs, dim=-1)
+        return predictions, probabilities.numpy()
 
     @torch.inference_mode()
     def head_outputs(self, task: str, inputs: list[tuple[str, ...]], batch_size: int | None = None) -> torch.Tensor:

@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .config_file import apply_config_file  # noqa: F401  (re-exported: --config, as train_main reads it)
 from .data import DEFAULT_TASKS, TASKS
@@ -89,6 +90,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
                    help=f"folder holding the prediction files ({TASKS[DEFAULT_TASKS[0]].prediction_file('dev')} and "
                         "friends, e.g. RUN/predictions)")
     g.add_argument("--data_dir", default="data", help="folder holding the task files (gold labels)")
+    g.add_argument("--task_spec", metavar="FILE.json", default=None, help="tasks of your own to score (default: the "
+                   "spec stored in the run's args.json beside PREDICTIONS, if any; docs/tasks.md)")
     g.add_argument("--skip_bad_rows", action="store_true",
                    help="skip malformed gold rows (each named in a warning) instead of stopping")
     g.add_argument("--allow_partial", action="store_true",
@@ -117,6 +120,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     from .predict import score_prediction_dir
 
     def go():
+        from .user_tasks import declare, read_task_spec, stored_task_spec
+
+        declare(read_task_spec(args.task_spec) if args.task_spec else stored_task_spec(Path(args.predictions).parent))
         results = score_prediction_dir(args.predictions, args.data_dir, args.allow_partial, args.skip_bad_rows)
         extra = {}
         if args.ci or args.compare:

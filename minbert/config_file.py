@@ -81,8 +81,8 @@ def apply_config_file(p: argparse.ArgumentParser, argv: list[str] | None) -> dic
                 fail(f"{path}: {key}: expected true or false, got {json.dumps(value)}")
             defaults[key] = value
             continue
-        if value is None:
-            defaults[key] = None
+        if value is None or (key == "task_spec" and isinstance(value, dict)):  # args.json: the spec's content,
+            defaults[key] = value                                               # checked by RunConfig.validate
             continue
         many = action.nargs in ("+", "*") or isinstance(action.nargs, int)  # the flag takes several words
         expected = _json_type_problem(action, value, many)

@@ -17,10 +17,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from .io import DataError, comma_list, read_text_file
-from .settings import flag_reader, positive_int, setting
+from .io import DataError, read_text_file
 from .tasks import DEFAULT_TASKS, TASKS, TaskSpec  # noqa: F401 (re-exported: their import path before tasks.py)
-from .tokenizer import MIN_SEQ_LENGTH
 
 SPLITS = ("train", "dev", "test")
 
@@ -382,34 +380,3 @@ class TaskStream:
     def batch(self, i: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
         return self.data.batch(self.indices(i), pad_id)
 
-
-def read_tasks(text: str) -> list[str]:
-    """--tasks: a comma-separated list of known tasks."""
-    tasks = comma_list(text, "task list")  # the one rule of list flags: no empty or repeated item
-    bad = [t for t in tasks if t not in TASKS]
-    if bad:
-        raise ValueError(f"unknown task {', '.join(bad)!r} (choose from {', '.join(TASKS)})")
-    return tasks
-
-
-tasks_flag = flag_reader(read_tasks)
-
-
-@dataclass
-class DataSettings:
-    """The data group of flags: which task files are read, how many rows, and how long an input may be."""
-
-    data_dir: str = setting("data", help="folder holding the CS224N task files")
-    tasks: list[str] = setting(list(DEFAULT_TASKS), parse=tasks_flag,
-                               help="comma-separated tasks: sst,qqp,sts (default), or sst2 (SST-2 built from the SST "
-                                    "files)")
-    max_seq_length: int | None = setting(  # its range is tokenizer.seq_length_problem's
-        None, parse=positive_int,
-        help=f"truncate longer inputs, {MIN_SEQ_LENGTH} tokens at least (a pair needs [CLS] a [SEP] b "
-             "[SEP]) and at most the model's max_position_embeddings (default: the tokenizer's own limit: "
-             "128 for the embedded encoder, the training run's with --predict_only)")
-    max_train_samples: int | None = setting(None, bounds=(1, None), help="first N training rows per task")
-    max_eval_samples: int | None = setting(None, bounds=(1, None),
-                                           help="first N dev/test rows per task (prediction files then hold only "
-                                                "those)")
-    skip_bad_rows: bool = setting(False, help="skip malformed rows (counted and reported) instead of stopping")

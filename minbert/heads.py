@@ -200,13 +200,52 @@ class CrossSTSHead(ScoreRegressionHead):
 
 # The head of each head family (tasks.TaskSpec.head) for a pair read as one sequence.
 CROSS_HEAD_OF_FAMILY: dict[str, type[nn.Module]] = {"paraphrase": CrossParaphraseHead, "similarity": CrossSTSHead}
-CROSS_HEADS: dict[str, type[nn.Module]] = {t: CROSS_HEAD_OF_FAMILY[s.head] for t, s in TASKS.items() if s.is_pair}
 # train_multitask.py's bi-encoder heads when --sts_head / --para_head are not given (measured: docs/results.md)
 DEFAULT_STS_HEAD, DEFAULT_PARA_HEAD = "cosine_regression", "sbert"
 # The head flag of each pair task, and its value that is a plain linear layer on what the encoder gives (the
 # report's baselines): for a cross-encoded task that is the cross head. The other values compare two sentence
 # embeddings (|u - v|, u * v, cosines), which a pair read as one sequence does not have.
+# Built-in tasks only: a task of the user's own has no head flag (minbert.user_tasks).
 PAIR_HEAD_FLAGS = {t: s.head_flag for t, s in TASKS.items() if s.head_flag}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tasks of the user's own (minbert.user_tasks): one family for classes, one for a score. A single sentence or a
+# cross-encoded pair gives one pooled vector; a bi-encoded pair gives [u; v; |u - v|; u * v] (SBERT's features).
+
+
+def _user_features(pooled: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    if len(pooled) == 1:
+        return pooled[0]
+    u, v = pooled
+    return torch.cat([u, v, (u - v).abs(), u * v], dim=-1)
+
+
+class UserClassHead(SSTHead):
+    """Classes of a user's task: dropout + linear on the features to ``num_labels`` logits, cross-entropy."""
+
+    def __init__(self, hidden: int, num_labels: int, blocks: int = 1, dropout: float = 0.1):
+        super().__init__(blocks * hidden, num_labels=num_labels, dropout=dropout)
+
+    def forward(self, *pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(_user_features(pooled)))
+
+
+class UserScoreHead(ScoreRegressionHead):
+    """A user's regression task: dropout + linear on the features to one score, MSE; predictions clipped to the
+    task's score range."""
+
+    def __init__(self, hidden: int, score_range: tuple[float, float], blocks: int = 1, dropout: float = 0.1):
+        super().__init__()
+        self.low, self.high = score_range
+        self.dropout = nn.Dropout(dropout)
+        self.regressor = nn.Linear(blocks * hidden, 1)
+
+    def forward(self, *pooled: torch.Tensor) -> torch.Tensor:
+        return self.regressor(self.dropout(_user_features(pooled))).squeeze(-1)
+
+    def predict(self, score: torch.Tensor) -> torch.Tensor:
+        return score.clamp(self.low, self.high)
 
 
 def pair_head_conflict(pair_encoding: dict[str, str], tasks, given: dict[str, tuple[str, str]]) -> str | None:
@@ -232,8 +271,13 @@ def build_heads(hidden: int, tasks: list[str], sts_head: str = "linear", dropout
     heads = nn.ModuleDict()
     for task in head_order(tasks):  # a fixed order: each head draws its initial weights from the seeded generator
         spec = TASKS[task]
-        if task in cross:
-            heads[task] = CROSS_HEADS[task](hidden, dropout=dropout)
+        blocks = 4 if spec.is_pair and task not in cross else 1  # user heads: [u; v; |u - v|; u * v] or one vector
+        if spec.head == "classify":
+            heads[task] = UserClassHead(hidden, spec.num_labels, blocks, dropout=dropout)
+        elif spec.head == "regress":
+            heads[task] = UserScoreHead(hidden, spec.score_range, blocks, dropout=dropout)
+        elif task in cross:
+            heads[task] = CROSS_HEAD_OF_FAMILY[spec.head](hidden, dropout=dropout)
         elif spec.head == "sentiment":
             heads[task] = SSTHead(hidden, num_labels=spec.num_labels, dropout=dropout)
         elif spec.head == "paraphrase":

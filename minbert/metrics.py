@@ -8,7 +8,12 @@ from scipy.stats import pearsonr
 
 from .tasks import LEADERBOARD_TASKS, OVERALL, TASKS
 
-METRIC_NAMES = {name: spec.metric for name, spec in TASKS.items()}
+
+
+def metric_name(task: str) -> str | None:
+    """The metric of ``task`` ("accuracy", "pearson"), None for a name that is no task (looked up when asked:
+    tasks of the user's own join the registry at run time)."""
+    return TASKS[task].metric if task in TASKS else None
 
 
 def accuracy(pred, gold) -> float:
@@ -38,8 +43,9 @@ def task_score(task: str, pred, gold) -> float:
 
 
 def overall_score(scores: dict[str, float]) -> float:
-    """(SST acc + QQP acc + (STS r + 1) / 2) / 3, averaged over the tasks present (Pearson mapped to 0..1)."""
-    parts = [TASKS[t].overall_part(v) for t, v in scores.items() if t in TASKS]
+    """(SST acc + QQP acc + (STS r + 1) / 2) / 3, averaged over the tasks present (Pearson mapped to 0..1). Tasks
+    of the user's own are reported beside it, never part of it."""
+    parts = [TASKS[t].overall_part(v) for t, v in scores.items() if t in TASKS and not TASKS[t].user]
     return sum(parts) / len(parts) if parts else math.nan
 
 
@@ -54,9 +60,12 @@ def with_overall(scores: dict[str, float]) -> dict[str, float]:
 
 def format_scores(results: dict[str, dict[str, float]]) -> str:
     """A Markdown table: one row per split, columns SST / QQP / STS / overall (training and evaluate.py print it)."""
-    # The leaderboard's columns always; another task's (SST-2) in front, where a split has its score.
-    others = [t for t in TASKS if t not in LEADERBOARD_TASKS and any(t in scores for scores in results.values())]
+    # The leaderboard's columns always; another built-in task's (SST-2) in front, where a split has its score;
+    # tasks of the user's own after "overall", which they are no part of.
+    scored = [t for t in TASKS if t not in LEADERBOARD_TASKS and any(t in scores for scores in results.values())]
+    others, user = [t for t in scored if not TASKS[t].user], [t for t in scored if TASKS[t].user]
     cols = [(t, TASKS[t].table_label) for t in [*others, *LEADERBOARD_TASKS]] + [(OVERALL, OVERALL)]
+    cols += [(t, TASKS[t].table_label) for t in user]
     lines = ["| split | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for split, scores in results.items():
         cells = [f"{scores[k]:.4f}" if k in scores else "-" for k, _ in cols]

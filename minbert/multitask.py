@@ -22,7 +22,7 @@ from .io import DataError, atomic_save, atomic_write_text, json_text, load_safet
 from .model import BertModel
 from .pooling import POOLING_MODES, pool
 from .settings import flag_reader, setting
-
+from .user_tasks import declare, parse_task_spec, run_tasks
 
 
 @dataclass
@@ -34,6 +34,9 @@ class MultitaskConfig:
     head_dropout: float = 0.1
     # pair task -> "bi" or "cross"; a task not listed is "bi" (checkpoints from before cross-encoding have none)
     pair_encoding: dict[str, str] = field(default_factory=dict)
+    # The tasks of the user's own among ``tasks`` (minbert.user_tasks' checked content, {"tasks": [...]}): stored in
+    # the checkpoint, so that loading it declares them without the --task_spec file. None: built-in tasks only.
+    task_spec: dict | None = None
 
     def encoding(self, task: str) -> str:
         """How ``task``'s examples are tokenized: "cross" for a cross-encoded pair task, else "bi"."""
@@ -41,6 +44,9 @@ class MultitaskConfig:
 
     def __post_init__(self) -> None:
         """The one place a multitask config is validated (new runs and multitask.json alike)."""
+        if self.task_spec is not None:  # declared first: ``tasks`` names them
+            self.task_spec = parse_task_spec(self.task_spec, "task_spec")
+            declare(self.task_spec)
         if not isinstance(self.tasks, (list, tuple)) or not self.tasks:
             raise ValueError(f"tasks must be a non-empty list of task names, got {self.tasks!r}")
         bad = [t for t in self.tasks if not isinstance(t, str) or t not in TASKS]
@@ -127,7 +133,8 @@ class MultitaskBert(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         atomic_save(directory / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         self.encoder.config.save(directory / "config.json")
-        atomic_write_text(directory / "multitask.json", json_text(asdict(self.config)) + "\n")
+        config = {k: v for k, v in asdict(self.config).items() if not (k == "task_spec" and v is None)}
+        atomic_write_text(directory / "multitask.json", json_text(config) + "\n")
         if tokenizer is not None:
             atomic_write_text(directory / "tokenizer.json", tokenizer.to_str(pretty=True))
 
@@ -196,12 +203,14 @@ def check_pair_encoding(pair_encoding: dict[str, str]) -> None:
         raise ValueError(f"pair_encoding must map pair tasks to bi or cross, got {pair_encoding!r}")
     for task, encoding in pair_encoding.items():
         if task not in TASKS or not TASKS[task].is_pair:
-            raise ValueError(f"pair_encoding: {task!r} is not a sentence-pair task ({', '.join(PAIR_TASKS)})")
+            raise ValueError(f"pair_encoding: {task!r} is not a sentence-pair task ({', '.join(pair_tasks())})")
         if encoding not in PAIR_ENCODINGS:
             raise ValueError(f"pair_encoding: {task}={encoding!r}: choose {' or '.join(PAIR_ENCODINGS)}")
 
 
-PAIR_TASKS = tuple(t for t, spec in TASKS.items() if spec.is_pair)
+def pair_tasks() -> tuple[str, ...]:
+    """The sentence-pair tasks of the registry now (tasks of the user's own included, once declared)."""
+    return tuple(t for t, spec in TASKS.items() if spec.is_pair)
 
 
 def parse_pair_encoding(text: str) -> dict[str, str]:
@@ -209,16 +218,16 @@ def parse_pair_encoding(text: str) -> dict[str, str]:
     not named stays ``bi``). Returns {pair task: encoding}; a bad value is a one-line ValueError."""
     text = text.strip()
     if text in PAIR_ENCODINGS:
-        return {t: text for t in PAIR_TASKS}
-    out = {t: "bi" for t in PAIR_TASKS}
+        return {t: text for t in pair_tasks()}
+    out = {t: "bi" for t in pair_tasks()}
     named: set[str] = set()
     for part in text.split(","):
         task, sep, encoding = (x.strip() for x in part.partition("="))
         if not sep:
             raise ValueError(f"{part.strip()!r}: expected bi, cross or TASK=bi|cross,... (e.g. qqp=cross,sts=bi)")
-        if task not in PAIR_TASKS:
+        if task not in out:
             what = "is not a sentence-pair task" if task in TASKS else "is not a task"
-            raise ValueError(f"{task!r} {what} (pair tasks: {', '.join(PAIR_TASKS)})")
+            raise ValueError(f"{task!r} {what} (pair tasks: {', '.join(out)})")
         if task in named:
             raise ValueError(f"{task} is given twice")
         if encoding not in PAIR_ENCODINGS:
@@ -232,12 +241,18 @@ def pair_encoding_of(args) -> dict[str, str]:
     """MultitaskConfig.pair_encoding from the training flags: the encoding of each pair task trained."""
     value = getattr(args, "pair_encoding", None) or "bi"
     parsed = value.by_task if isinstance(value, PairEncoding) else parse_pair_encoding(value)
-    return {t: e for t, e in parsed.items() if t in args.tasks}
+    trained = run_tasks(args)
+    out = {t: e for t, e in parsed.items() if t in trained}
+    # A user's pair task follows the one-word form (bi, cross); TASK=.. names built-ins (the flag is read before
+    # the --task_spec tasks are declared).
+    word = value if value in PAIR_ENCODINGS else "bi"
+    out.update({t: str(word) for t in trained if t not in out and TASKS[t].is_pair})
+    return out
 
 
 def format_pair_encoding(pair_encoding: dict[str, str]) -> str:
     """The canonical --pair_encoding text of a mapping: one word when every pair task has the same encoding."""
-    full = {t: pair_encoding.get(t, "bi") for t in PAIR_TASKS}
+    full = {t: pair_encoding.get(t, "bi") for t in pair_tasks() if not TASKS[t].user}
     values = set(full.values())
     return values.pop() if len(values) == 1 else ",".join(f"{t}={e}" for t, e in full.items())
 

@@ -3,12 +3,14 @@ and the check that a resumed run has the settings of the run it continues."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from .data import TASKS
 from .legacy_settings import current_settings
+from .user_tasks import NAME as TASK_NAME
 from .io import TEMP_SUFFIX, published_dir, read_json_file, remove_stale_temps
 from .metrics_log import REPORT_TO
 from .settings import setting
@@ -131,8 +133,9 @@ def _ours(folder: str, name: str) -> bool:
     writes (or a temporary file of its atomic writer)."""
     if name.startswith(".") and name.endswith(TEMP_SUFFIX):
         return True
-    if folder == "predictions":
-        return any(name in (spec.prediction_file("dev"), spec.prediction_file("test")) for spec in TASKS.values())
+    if folder == "predictions":  # also a task of the user's own of the run replaced (its spec may be another now)
+        return any(name in (spec.prediction_file("dev"), spec.prediction_file("test")) for spec in TASKS.values()) \
+            or bool(re.fullmatch(rf"({TASK_NAME.pattern})-(dev|test)-output\.csv", name))
     if folder == "tensorboard":
         return name.startswith("events.out.tfevents.")
     return name in CHECKPOINT_FILES

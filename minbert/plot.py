@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from .data import TASKS
 from .io import atomic_path
-from .metrics import METRIC_NAMES
+from .metrics import metric_name
 
 PIP_HINT = "pip install matplotlib (or pip install 'minbert[plot]')"
 
@@ -174,7 +174,7 @@ def _panel_title(name: str) -> str:
         return "learning rate"
     if name.startswith("loss_"):
         return f"train loss: {name[5:]}"
-    metric = {"accuracy": "accuracy", "pearson": "Pearson r"}.get(METRIC_NAMES.get(name, ""), "score")
+    metric = {"accuracy": "accuracy", "pearson": "Pearson r"}.get(metric_name(name) or "", "score")
     return f"dev {name} ({metric})" if name != "overall" else "dev overall score"
 
 

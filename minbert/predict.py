@@ -174,6 +174,10 @@ def score_prediction_dir(pred_dir: str | Path, data_dir: str | Path, allow_parti
                 warn(f"{path}: all {len(examples)} {which} are equal: Pearson r is undefined; counted as r = 0 "
                      "(no correlation)")
             results.setdefault(split, {})[task] = task_score(task, pred_values, gold_values)
+    known = {spec.prediction_file(split) for spec in TASKS.values() for split in ("dev", "test")}
+    for path in sorted(pred_dir.glob("*-*-output.csv")):
+        if path.name not in known:  # e.g. a task of the user's own whose spec this process was not given
+            warn(f"{path}: no task writes this file; not scored (a task of your own? pass --task_spec)")
     if not found:
         example = TASKS[next(iter(TASKS))].prediction_file("dev")
         raise DataError(f"{pred_dir}: no prediction files (expected names like {example})")

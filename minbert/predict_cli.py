@@ -23,7 +23,9 @@ from .api import DEFAULT_BATCH_SIZE, SENTIMENT_LABELS, InferenceModel, MaxSeqLen
 from .cli import _run_user_command
 from .data import TASKS, blank_text_problem
 from .tasks import HEAD_ORDER
-from .io import atomic_write_text, json_text
+from .io import atomic_write_text, json_text, read_json_file
+from .multitask import resolve_checkpoint
+from .user_tasks import declare, parse_task_spec
 from .precision import DEFAULT_BF16, bf16_flag
 from .output_policy import check_output_path
 from .predict_input import INPUT_FORMATS, read_inputs  # noqa: F401 (read_inputs: the --input reader)
@@ -43,7 +45,21 @@ def _device(text: str) -> str:
     raise argparse.ArgumentTypeError(f"{text!r}: choose auto, cpu, cuda or cuda:N")
 
 
-def predict_parser() -> argparse.ArgumentParser:
+def declared_tasks(argv: list[str] | None) -> tuple[str, ...]:
+    """The tasks of the user's own that ``--checkpoint``'s multitask.json declares, declared for this process, so
+    that ``--task`` accepts them (none where the checkpoint cannot be read: loading it names the problem)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--checkpoint")
+    path = pre.parse_known_args(argv)[0].checkpoint
+    try:
+        saved = read_json_file(resolve_checkpoint(path) / "multitask.json")
+        return tuple(declare(parse_task_spec(saved["task_spec"]))) if "task_spec" in saved else ()
+    except (ValueError, OSError, TypeError):
+        return ()
+
+
+def predict_parser(tasks: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """minbert-predict's flags; ``tasks``: tasks of the user's own that --task accepts besides the built-in ones."""
     p = argparse.ArgumentParser(
         prog="minbert-predict",
         description="Predict with a trained minbert model: the sentiment of sentences (sst, sst2), whether two "
@@ -63,9 +79,9 @@ def predict_parser() -> argparse.ArgumentParser:
                    help="truncate longer inputs, 5 to the model's max_position_embeddings, as in training (default: "
                         "the checkpoint's training limit; 128 for an export)")
     g = p.add_argument_group("input")
-    g.add_argument("--task", required=True, choices=PREDICT_TASKS,
+    g.add_argument("--task", required=True, choices=(*PREDICT_TASKS, *tasks),
                    help="sst / sst2: sentiment of each TEXT; qqp: is the pair TEXT TEXT a paraphrase; sts: the "
-                        "0-5 similarity of the pair TEXT TEXT")
+                        "0-5 similarity of the pair TEXT TEXT; or a task of your own the checkpoint was trained on")
     g.add_argument("texts", nargs="*", metavar="TEXT",
                    help="the sentence(s) to predict (sst: one or more; qqp, sts: exactly two, one pair)")
     g.add_argument("--input", metavar="FILE", default=None,
@@ -115,6 +131,15 @@ def predict_records(model: InferenceModel, task: str, ids: list[str], inputs: li
         for r, label, p in zip(records, labels, probs):
             r.update(label=int(label), label_name=names[int(label)],
                      probabilities={n: round(float(x), 6) for n, x in zip(names, p)})
+    elif TASKS[task].user:  # a task of the user's own: its class id and class probabilities, or its score
+        if TASKS[task].label_kind == "class":
+            labels, probs = model.predict(task, inputs if TASKS[task].is_pair else [t[0] for t in inputs], True)
+            for r, label, p in zip(records, labels, probs):
+                r.update(label=int(label), label_name=str(label),
+                         probabilities={str(n): round(float(x), 6) for n, x in enumerate(p)})
+        else:
+            for r, score in zip(records, model.predict(task, inputs if TASKS[task].is_pair else [t[0] for t in inputs])):
+                r.update(score=round(float(score), 4))
     elif TASKS[task].api_method == "predict_paraphrase":
         decisions, probs = model.predict_paraphrase(inputs, return_probabilities=True)
         for r, d, p in zip(records, decisions, probs):
@@ -150,13 +175,15 @@ def _readable(r: dict, prefix: bool) -> str:
         line = f"{r['label_name']} ({r['label']})  probabilities: {probs}"
     elif "is_paraphrase" in r:
         line = f"paraphrase: {'yes' if r['is_paraphrase'] else 'no'}  probability {r['probability']:.3f}"
+    elif "score" in r:
+        line = f"score: {r['score']:.4f}"
     else:
         line = f"similarity: {r['similarity']:.2f} (0-5)"
     return f"{r['id']}: {line}" if prefix else line
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = predict_parser()
+    p = predict_parser(declared_tasks(argv))
     args = p.parse_args(argv)
     check_predict_args(p, args)
 

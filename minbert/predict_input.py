@@ -22,8 +22,13 @@ from .io import read_text_file
 
 INPUT_FORMATS = ("auto", "task", "lines")
 # Column names of the task files and of common TSV datasets: a first line holding one of them is a header.
-_HEADER_WORDS = {"id", "label", "text", "question1", "question2", "qid1", "qid2", "score", "sentence_a", "sentence_b"} | {
-    c for spec in TASKS.values() for c in (*spec.text_columns, spec.label_column)}
+_COMMON_HEADER_WORDS = {"id", "label", "text", "question1", "question2", "qid1", "qid2", "score", "sentence_a",
+                        "sentence_b"}
+
+
+def _header_words() -> set[str]:
+    """:data:`_COMMON_HEADER_WORDS` and the columns of every task now (tasks of the user's own included)."""
+    return _COMMON_HEADER_WORDS | {c for spec in TASKS.values() for c in (*spec.text_columns, spec.label_column)}
 
 
 def layout_of(task: str):
@@ -70,7 +75,7 @@ def read_inputs(path: str | Path, task: str, skip_bad_rows: bool = False,
     if input_format == "auto":
         spec = layout_of(task)
         shape = len(fields) == (2 if spec.is_pair else 1)
-        if not shape or any(f.lower() in _HEADER_WORDS for f in fields):
+        if not shape or any(f.lower() in _header_words() for f in fields):
             plain = "a tab-separated pair" if spec.is_pair else "one sentence without tabs"
             raise DataError(f"{path}:1: header {_show(fields)} found, {expect}, or {plain} per line "
                             "(--input_format lines)")

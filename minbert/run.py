@@ -35,6 +35,7 @@ from .predict import prediction_path, write_predictions
 from .run_config import RunConfig
 from .tokenizer import load_tokenizer, pad_token_id
 from .trainer import NonFiniteError, Trainer
+from .user_tasks import declare, run_tasks
 
 log = logging.getLogger("minbert")
 
@@ -56,7 +57,7 @@ def resolve_device(name: str) -> torch.device:
 def load_datasets(config, tokenizer, splits: tuple[str, ...]) -> dict[tuple[str, str], TaskData]:
     """Read every needed file before anything is written, so bad input leaves no output behind."""
     out = {}
-    for task in config.tasks:
+    for task in run_tasks(config):
         for split in splits:
             limit = config.max_train_samples if split == "train" else config.max_eval_samples
             out[(task, split)] = load_task(task, split, config.data_dir, config.skip_bad_rows, limit)
@@ -71,8 +72,9 @@ def load_datasets(config, tokenizer, splits: tuple[str, ...]) -> dict[tuple[str,
 
 def build_model(config) -> MultitaskBert:
     encoder = BertModel.from_pretrained(config.model_name_or_path)
-    mt_config = MultitaskConfig(tasks=list(config.tasks), pooling=config.pooling, sts_head=config.sts_head,
-                                para_head=config.para_head, pair_encoding=pair_encoding_of(config))
+    mt_config = MultitaskConfig(tasks=run_tasks(config), pooling=config.pooling, sts_head=config.sts_head,
+                                para_head=config.para_head, pair_encoding=pair_encoding_of(config),
+                                task_spec=getattr(config, "task_spec", None))
     return MultitaskBert(encoder, mt_config)
 
 
@@ -128,6 +130,7 @@ def run(config) -> dict[str, float]:
     """The main job: train (unless --predict_only), write checkpoints, predictions and scores; returns the dev
     scores (of the best epoch)."""
     config = as_run_config(config)
+    declare(config.task_spec)  # tasks of the user's own join the registry (for this process) before any check
     if config.report_to == "tensorboard":
         MetricsLog.tensorboard_writer_class()  # a missing package fails before any data is read
     device = distributed.init(resolve_device(config.device))  # torchrun: join the process group; cuda:LOCAL_RANK
@@ -152,7 +155,7 @@ def _run(config: RunConfig, device: torch.device) -> dict[str, float]:
     data = load_datasets(config, tokenizer, splits)
     if config.predict_only:
         model = MultitaskBert.load(config.checkpoint)
-        missing = [t for t in config.tasks if t not in model.heads]
+        missing = [t for t in run_tasks(config) if t not in model.heads]
         if missing:
             raise ValueError(f"--checkpoint {config.checkpoint} has no head for task(s) {', '.join(missing)}")
     else:
@@ -167,8 +170,8 @@ def _run(config: RunConfig, device: torch.device) -> dict[str, float]:
     tensors = {key: tensorize(d, tokenizer, model.config.encoding(key[0])) for key, d in data.items()}
     trainer = None
     if not config.predict_only:  # built before the output dir exists: an optimizer that cannot fit leaves nothing behind
-        train = {t: tensors[(t, "train")] for t in config.tasks}
-        dev = {t: tensors[(t, "dev")] for t in config.tasks}
+        train = {t: tensors[(t, "train")] for t in run_tasks(config)}
+        dev = {t: tensors[(t, "dev")] for t in run_tasks(config)}
         trainer = Trainer(config, model, train, dev, device, tokenizer, Path(config.output_dir), metrics=None)
     out = distributed.on_main(prepare_output_dir, config)
     if resume_from is None and distributed.is_main():  # a resumed run keeps the args.json it was checked against
@@ -191,7 +194,7 @@ def _train_and_predict(config, model, trainer, tensors, out, resume_from, device
                 metrics.write(resumed_from_step=trainer.global_step, epoch=trainer.global_step // trainer.steps_per_epoch)
                 log.info("resuming from %s: step %d of %d", resume_from, trainer.global_step, trainer.total_steps)
             log.info("training %s on %s: %d steps/epoch x %d epochs, combiner %s, optimizer %s, bf16 %s",
-                     config.model_name_or_path, ",".join(config.tasks), trainer.steps_per_epoch,
+                     config.model_name_or_path, ",".join(run_tasks(config)), trainer.steps_per_epoch,
                      config.num_train_epochs, config.combiner, config.optim, config.bf16)
             trainer.train()
         pred_dir = out / "predictions"

@@ -2,16 +2,16 @@
 uses it, and checked in one place.
 
 Each group is a small dataclass whose fields are the flags of train_multitask.py (minbert.settings): the model's
-(multitask.ModelSettings), the data's (data.DataSettings), the training loop's (trainer_settings.TrainingSettings),
-the combiner's and SMART's (combiners.MultitaskSettings, smart.SmartSettings), the optimizer's
-(optim.build.OptimizerSettings) and the output's (output_dir.OutputSettings). ``minbert.cli.train_parser`` derives
-the flags from them; a RunConfig is built from what that parser returns: the command line, a ``--config`` file
-whose keys became the parser's defaults, or the argument lists of ``minbert.experiments``. Its flat view
-(``config.seed``, :meth:`RunConfig.to_dict`) is what args.json records. :meth:`RunConfig.validate` then checks the
-whole resolved configuration (types, nulls, non-finite numbers, ranges and choices from the fields, conflicting
-flags, the output directory, ``--optim_args``, the combiner) before anything is read or written. Its messages name
-the flag (``--warmup_ratio``) or, for a value that came from a config file, the file and key
-(``run.json: warmup_ratio``).
+(multitask.ModelSettings), the data's (data_settings.DataSettings), the training loop's
+(trainer_settings.TrainingSettings), the combiner's and SMART's (combiners.MultitaskSettings, smart.SmartSettings),
+the optimizer's (optim.build.OptimizerSettings) and the output's (output_dir.OutputSettings).
+``minbert.cli.train_parser`` derives the flags from them; a RunConfig is built from what that parser returns: the
+command line, a ``--config`` file whose keys became the parser's defaults, or the argument lists of
+``minbert.experiments``. Its flat view (``config.seed``, :meth:`RunConfig.to_dict`) is what args.json records.
+:meth:`RunConfig.validate` then checks the whole resolved configuration (types, nulls, non-finite numbers, ranges
+and choices from the fields, conflicting flags, the output directory, ``--optim_args``, ``--task_spec``, the
+combiner) before anything is read or written. Its messages name the flag (``--warmup_ratio``) or, for a value that
+came from a config file, the file and key (``run.json: warmup_ratio``).
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from typing import ClassVar
 
 from .combiners import COMBINERS, MultitaskSettings
 from .config import PRESETS, BertConfig
-from .data import TASKS, DataSettings
+from .data import TASKS
+from .data_settings import DataSettings
 from .heads import DEFAULT_PARA_HEAD, DEFAULT_STS_HEAD, pair_head_conflict
 from .legacy_settings import current_settings
 from .model import check_model_dir
@@ -34,6 +35,7 @@ from .settings import first_problem, from_flat, group, owner_of, setting, settin
 from .tokenizer import seq_length_problem
 from .trainer_settings import TrainingSettings
 from .user_combiner import check_interface
+from .user_tasks import TaskSpecError, checked_task_spec
 
 
 class ConfigError(ValueError):
@@ -194,6 +196,10 @@ class RunConfig:
         if out == data or out in data.parents:
             self.fail("output_dir", f"holds the data ({self.data_dir}); name a folder of its own for the run",
                       self.output_dir)
+        try:  # --task_spec (files in --data_dir): a mistake names the spec file, or args.json's key, first
+            self.task_spec = checked_task_spec(self.task_spec, self.where("task_spec"), self.data_dir, self.predict_only)
+        except TaskSpecError as e:
+            raise ConfigError(str(e), from_file=True) from None
 
     def model_config(self) -> BertConfig:
         """The encoder's architecture: the preset's, or the config.json of the model or --predict_only checkpoint."""

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import types
 import typing
 
 
@@ -149,7 +150,7 @@ def _argument(f: dataclasses.Field, hint) -> dict:
     m = f.metadata
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
     kwargs = {"default": default, "help": m["help"]}
-    base = _base(hint)[0]
+    base = _types(hint)[0][0]  # a union's first type sets the reader: str for a path or its content
     if base is bool:
         return {**kwargs, "action": "store_true"}
     parse = m["parse"] or _reader(base, m["bounds"])
@@ -169,12 +170,13 @@ def _reader(base, bounds) -> typing.Callable | None:
     return None
 
 
-def _base(hint) -> tuple[typing.Any, bool]:
-    """(the type without None, whether None is allowed)."""
+def _types(hint) -> tuple[tuple, bool]:
+    """(the types a value may have, None aside; whether None is allowed): ``str | dict | None`` is ((str, dict),
+    True); ``list[str]`` is ((list[str],), False)."""
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+        return (hint,), False
     args = typing.get_args(hint)
-    if type(None) in args:
-        return next(a for a in args if a is not type(None)), True
-    return hint, False
+    return tuple(a for a in args if a is not type(None)), type(None) in args
 
 
 def first_problem(obj) -> tuple[str, str, typing.Any] | None:
@@ -183,13 +185,14 @@ def first_problem(obj) -> tuple[str, str, typing.Any] | None:
     choices, each in declaration order."""
     found = [(name, f, owner, getattr(owner_of(obj, name), name)) for name, f, owner, _ in leaves(type(obj))]
     for name, f, owner, value in found:
-        base, optional = _base(typing.get_type_hints(owner)[name])
+        allowed, optional = _types(typing.get_type_hints(owner)[name])
+        kinds = " or ".join(map(_kind, allowed))
         if value is None:
             if not optional:
-                return name, f"expected {_kind(base)}, got null", None
+                return name, f"expected {kinds}, got null", None
             continue
-        if not _is_instance(value, base):
-            return name, f"expected {_kind(base)}, got {value!r}", None
+        if not any(_is_instance(value, t) for t in allowed):
+            return name, f"expected {kinds}, got {value!r}", None
         if isinstance(value, float) and not math.isfinite(value):
             return name, f"must be a finite number, got {value}", None
         if isinstance(value, str) and not value.strip() and not f.metadata["allow_empty"]:
@@ -224,7 +227,7 @@ def _is_instance(value, base) -> bool:
 
 
 def _kind(base) -> str:
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a JSON object"}
     if typing.get_origin(base) is list:
         return "a list of strings"
     return names.get(base, getattr(base, "__name__", str(base)))

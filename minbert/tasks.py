@@ -42,6 +42,9 @@ class TaskSpec:
     api_method: str = ""  # the InferenceModel method that predicts it
     # Pair tasks: the flag choosing the bi-encoder's head, and its value that is a plain linear layer.
     head_flag: tuple[str, str] | None = None
+    # A task of the user's own (--task_spec, minbert.user_tasks): scored and reported beside the CS224N overall
+    # score, never part of it (nor of the training overall that picks the best epoch).
+    user: bool = False
 
     @property
     def is_pair(self) -> bool:
@@ -106,6 +109,21 @@ def head_order(names) -> list[str]:
 
 
 HEAD_ORDER = tuple(head_order(TASKS))  # also the order of minbert-predict's --task choices
+
+
+def register_user_tasks(specs) -> None:
+    """Add tasks of the user's own (minbert.user_tasks builds them) to :data:`TASKS`, after the built-in ones, for
+    this process. A name of a built-in task, or of a user task already declared otherwise, is a ValueError: a
+    process holds one definition per name (two runs or checkpoints that declare one name differently cannot be
+    used in one process)."""
+    for spec in specs:
+        old = TASKS.get(spec.name)
+        if old is not None and not old.user:
+            raise ValueError(f"task {spec.name!r} is a built-in task; give yours another name")
+        if old is not None and old != spec:
+            raise ValueError(f"task {spec.name!r} is already declared otherwise in this process")
+    for spec in specs:
+        TASKS[spec.name] = spec
 
 
 def get_task(name: str) -> TaskSpec:

@@ -33,6 +33,7 @@ from .run_config import RunConfig
 from .tokenizer import pad_token_id
 from .trainer_state import ResumableState
 from .user_combiner import checked_step
+from .user_tasks import run_tasks
 
 log = logging.getLogger("minbert")
 
@@ -84,7 +85,7 @@ class Trainer(ResumableState):
         self.model, self.dev, self.device = model, dev, device
         self.tokenizer, self.pad_id = tokenizer, pad_token_id(tokenizer)
         self.out_dir, self.metrics = out_dir, metrics
-        self.tasks = list(config.data.tasks)
+        self.tasks = run_tasks(config.data)  # --tasks, then the tasks of --task_spec
         t, multitask = config.training, config.multitask
         # Under torchrun the streams yield the global batch (N ranks x the per-device batch), the same on every rank;
         # each rank trains on its share (train_step), so all ranks run the same steps (docs/distributed.md).

@@ -181,7 +181,9 @@ NOT_PARSED = {
                    "tests/test_throughput_bench.py and tests/test_gpu_check.py run their flags",
     "pip ": "installs", "python3 -m venv": "installs", "python -m venv": "installs", ". ": "installs (activate)",
     "tensorboard": "TensorBoard's own command", "wait": "shell built-in",
-    "printf": "writes a data file", "du": "shell tools", "ls": "shell tools", "cat": "shell tools",
+    "printf": "writes a data file", "examples/": "an example script that writes a data file (tests/test_user_tasks.py "
+                                                  "runs examples/sts_binary.py)",
+    "du": "shell tools", "ls": "shell tools", "cat": "shell tools",
 }
 
 
@@ -226,7 +228,11 @@ def reader_folder(tmp_path_factory):
     d = tmp_path_factory.mktemp("reader")
     for name in ("data", "examples"):
         (d / name).symlink_to(ROOT / name)
-    (d / "my_data").symlink_to(ROOT / "data")
+    (d / "my_data").mkdir()  # the data files, and the task of one's own that docs/tasks.md writes there
+    for f in (ROOT / "data").iterdir():
+        (d / "my_data" / f.name).symlink_to(f)
+    for split in ("train", "dev", "test"):
+        (d / "my_data" / f"stsbin-{split}.csv").write_text("id\tsentence1\tsentence2\tlabel\n")
     for run in ("main", "default"):
         (d / "runs" / run).mkdir(parents=True)
         (d / "runs" / run / "args.json").write_text("{}\n")
@@ -305,6 +311,10 @@ NOT_RUN = {
     ("docs/multitask.md", "# python bench_step.py"): "times training steps of minilm-l6 on the shipped data (minutes)",
     ("docs/results.md", "# row_cost.py"): "times every kind of row and a full dev/test prediction of minilm-l6 "
                                           "(minutes)",
+    ("docs/tasks.md", "model = minbert.load(\"runs/stsbin\")"): "needs the run docs/tasks.md trains "
+                                                                 "(tests/test_user_tasks.py runs the same calls)",
+    ("docs/tasks.md", "scores = run(RunConfig"): "trains the main job with a task of one's own (minutes; "
+                                                 "tests/test_user_tasks.py runs it small)",
 }
 # What a fragment refers to without defining it: the tiny objects it runs with.
 FIXTURES = {

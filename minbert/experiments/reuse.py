@@ -15,8 +15,11 @@ from pathlib import Path
 from ..io import first_line, read_json_file
 from ..tasks import OVERALL, OVERALL_RANGE, TASKS
 
-# The range of each score a results.json may hold (accuracies and the overall score in [0, 1], Pearson r in [-1, 1]).
-SCORE_RANGES = {**{t: spec.metric_range for t, spec in TASKS.items()}, OVERALL: OVERALL_RANGE}
+
+def score_ranges() -> dict[str, tuple[float, float]]:
+    """The range of each score a results.json may hold (accuracies and the overall score in [0, 1], Pearson r in
+    [-1, 1]), of the tasks in the registry when asked (tasks of the user's own join it at run time)."""
+    return {**{t: spec.metric_range for t, spec in TASKS.items()}, OVERALL: OVERALL_RANGE}
 
 
 class RunnerError(ValueError):
@@ -38,10 +41,11 @@ def read_run_results(directory: Path) -> dict:
     dev = results.get("dev") if isinstance(results, dict) else None
     if not isinstance(dev, dict) or not dev:
         raise RunnerError(f"{path}: not a run's results (expected an object with a \"dev\" object of scores)")
+    ranges = score_ranges()
     for key, value in dev.items():
-        if key not in SCORE_RANGES:
-            raise RunnerError(f"{path}: dev.{key}: not a score of this package ({', '.join(SCORE_RANGES)})")
-        low, high = SCORE_RANGES[key]
+        if key not in ranges:
+            raise RunnerError(f"{path}: dev.{key}: not a score of this package ({', '.join(ranges)})")
+        low, high = ranges[key]
         if not _number(value) or not low <= value <= high:
             raise RunnerError(f"{path}: dev.{key}: {value!r} is not a score in [{low:g}, {high:g}]")
     wall = results.get("wall_seconds")
