@@ -1,7 +1,6 @@
 """A run's metrics log: metrics.jsonl in the output directory, optionally mirrored to TensorBoard."""
 from __future__ import annotations
 
-import resource
 import sys
 from pathlib import Path
 
@@ -82,9 +81,14 @@ def _numeric_fields(record: dict, prefix: str = ""):
             yield prefix + key, value
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MB (getrusage's ru_maxrss: KiB on Linux, bytes on macOS).
-    It never goes down, so it is one run's own peak only when the process trains one run (as the mtl table's
-    worker runs do); several runs in one process each report the peak of all so far."""
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, in MB (getrusage's ru_maxrss: KiB on Linux, bytes on macOS;
+    None on Windows, which has no ``resource`` module). It never goes down, so it is one run's own peak only when
+    the process trains one run (as the mtl table's worker runs do); several runs in one process each report the
+    peak of all so far."""
+    try:
+        import resource
+    except ImportError:
+        return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import sys
 
 import pytest
 
@@ -174,3 +175,11 @@ def test_the_same_data_folder_spelled_otherwise_is_the_same_setting(tmp_path, sm
     assert main(["paper", "--profile", "smoke", "--rows", "baseline", "--data_dir", str(small_data.resolve()),
                  "--output_dir", str(out), "--bf16", "off", "--device", "cpu"]) == 0
     assert json.loads((out / "results.json").read_text())["rows"][0]["runs"][0]["reused"] is True
+
+
+def test_peak_rss_is_none_where_the_platform_has_no_resource_module(monkeypatch):
+    from minbert.metrics_log import peak_rss_mb
+
+    assert peak_rss_mb() > 50  # MB: this process has imported torch
+    monkeypatch.setitem(sys.modules, "resource", None)  # as on Windows: `import resource` raises ImportError
+    assert peak_rss_mb() is None
