@@ -103,13 +103,17 @@ def check_train(argv: list[str]) -> None:
         check_train_args(p, args, from_file)
 
 
+def parses(p, argv: list[str], program: str):
+    """The command's flags are spelled in full and its parser accepts them; the parsed namespace."""
+    exact_flags(p, argv, program)
+    with refusals(program):
+        return p.parse_args(argv)
+
+
 def check_evaluate(argv: list[str]) -> None:
     from minbert.cli import evaluate_parser
 
-    p = evaluate_parser()
-    exact_flags(p, argv, "evaluate.py")
-    with refusals("evaluate.py"):
-        p.parse_args(argv)
+    parses(evaluate_parser(), argv, "evaluate.py")
 
 
 def check_experiments(argv: list[str]) -> None:
@@ -138,10 +142,7 @@ def check_predict(argv: list[str]) -> None:
 def check_export(argv: list[str]) -> None:
     from minbert.export import export_parser
 
-    p = export_parser()
-    exact_flags(p, argv, "minbert-export")
-    with refusals("minbert-export"):
-        p.parse_args(argv)
+    parses(export_parser(), argv, "minbert-export")
 
 
 def check_plot(argv: list[str]) -> None:
