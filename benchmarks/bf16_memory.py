@@ -10,7 +10,7 @@ mean time of a training step after the first. The parent prints one line per var
 Variants (``--variants``, comma-separated):
 
 * ``fp32``: ``--bf16 off``.
-* ``bf16``: ``--bf16 on`` as the trainer runs it (oneDNN's primitive cache off: minbert.precision.bound_onednn_cache).
+* ``bf16``: ``--bf16 on`` as the trainer runs it (oneDNN's primitive cache off: minbert.training.precision.bound_onednn_cache).
 * ``bf16_primcache``: ``--bf16 on`` with oneDNN's primitive cache at its default size (1024), as before issue #24.
 * ``bf16_primcache64``: ``--bf16 on`` with a cache of 64 primitives.
 * ``bf16_nocache``: ``--bf16 on`` with autocast's cache of bf16 weight copies disabled (``cache_enabled=False``).
@@ -52,7 +52,7 @@ def child(variant: str, argv: list[str]) -> dict:
     sys.path.insert(0, ROOT)
     import torch
 
-    import minbert.trainer as trainer
+    import minbert.training.trainer as trainer
     from minbert.cli import train_main
 
     record = {"variant": variant, "loaded_mb": None, "train_mb": None, "step_s": []}

@@ -281,7 +281,7 @@ def check_step(step: Step, args, bench_help: str, collected: str = "") -> list[s
 
 
 def check_data(args) -> list[str]:
-    from minbert.data import DEFAULT_TASKS, load_task
+    from minbert.tasks.data import DEFAULT_TASKS, load_task
 
     problems = []
     for task in DEFAULT_TASKS:

@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from minbert.optim import MFAC  # noqa: E402
+from minbert.methods.optim import MFAC  # noqa: E402
 
 SIZES = {  # (num_grads m, number of parameters d)
     ("cpu", True): [(16, 1 << 19), (64, 1 << 20), (128, 1 << 21)],

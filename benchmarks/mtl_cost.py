@@ -32,11 +32,11 @@ def one(name: str, steps: int, samples: int, data_dir: str, bf16: str) -> dict:
     import torch
 
     from minbert.cli import train_parser
-    from minbert.data import tensorize
+    from minbert.tasks.data import tensorize
     from minbert.experiments.mtl import MTL_ARGS
-    from minbert.tokenizer import load_tokenizer
-    from minbert.run import build_model, load_datasets
-    from minbert.trainer import Trainer
+    from minbert.model.tokenizer import load_tokenizer
+    from minbert.training.run import build_model, load_datasets
+    from minbert.training.trainer import Trainer
 
     torch.set_num_threads(1)
     extra = ["--combiner_args", json.dumps(MTL_ARGS[name])] if name in MTL_ARGS else []
@@ -61,7 +61,7 @@ def one(name: str, steps: int, samples: int, data_dir: str, bf16: str) -> dict:
 
 
 def main() -> int:
-    from minbert.mtl_methods import METHODS
+    from minbert.methods.mtl_methods import METHODS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default=",".join(["sum", "pcgrad", *METHODS]))

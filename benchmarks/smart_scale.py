@@ -32,10 +32,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from minbert.cli import train_parser  # noqa: E402
-from minbert.data import load_task, tensorize  # noqa: E402
-from minbert.smart import SMART_PROJECTIONS, adversarial_perturbation, divergence  # noqa: E402
-from minbert.tokenizer import load_tokenizer, pad_token_id  # noqa: E402
-from minbert.run import build_model  # noqa: E402
+from minbert.methods.smart import SMART_PROJECTIONS, adversarial_perturbation, divergence  # noqa: E402
+from minbert.model.tokenizer import load_tokenizer, pad_token_id  # noqa: E402
+from minbert.tasks.data import load_task, tensorize  # noqa: E402
+from minbert.training.run import build_model  # noqa: E402
 
 
 def load(model_name: str, data_dir: str, tasks: list[str], examples: int, seed: int = 0):
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--examples", type=int, default=16, help="training examples per task (one batch)")
     p.add_argument("--bf16", action="store_true", help="also measure under bfloat16 autocast")
     p.add_argument("--epsilon", type=float, default=None,
-                   help="ε of both forms (default: each form's own, minbert.smart.default_epsilon)")
+                   help="ε of both forms (default: each form's own, minbert.methods.smart.default_epsilon)")
     p.add_argument("--eta", type=float, default=None, help="η of every form (default: SMART's 1e-3)")
     p.add_argument("--forms", default=",".join(SMART_PROJECTIONS))
     p.add_argument("--train_mode", action="store_true",

@@ -57,11 +57,11 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), HERE]  # minbert, and this benchmark's own modules beside it
 from minbert.cli import train_parser  # noqa: E402
-from minbert.data import load_task, tensorize  # noqa: E402
-from minbert.predict import predict_task  # noqa: E402
-from minbert.tokenizer import load_tokenizer, pad_token_id  # noqa: E402
-from minbert.run import build_model, compile_encoder  # noqa: E402
-from minbert.trainer import Trainer  # noqa: E402
+from minbert.model.tokenizer import load_tokenizer, pad_token_id  # noqa: E402
+from minbert.tasks.data import load_task, tensorize  # noqa: E402
+from minbert.tasks.predict import predict_task  # noqa: E402
+from minbert.training.run import build_model, compile_encoder  # noqa: E402
+from minbert.training.trainer import Trainer  # noqa: E402
 from throughput_batches import (GLUE_LENGTH, TASKS, FixedStream, eval_subset, glue_inputs,  # noqa: E402
                                 padding_table, shuffled_examples, training_batches, width)
 from throughput_levers import LEVERS, lever_runs  # noqa: E402

@@ -7,7 +7,7 @@ import statistics
 
 import torch
 
-from minbert.data import Encoded, TaskStream, TaskTensors, sorted_batches
+from minbert.tasks.data import Encoded, TaskStream, TaskTensors, sorted_batches
 
 TASKS = ("sst", "qqp")
 GLUE_LENGTH = 128  # run_glue's --max_seq_length default, with pad_to_max_length

@@ -8,8 +8,8 @@ import functools
 
 import torch
 
-from minbert.model import BertModel
-from minbert.predict import predict_task
+from minbert.model.encoder import BertModel
+from minbert.tasks.predict import predict_task
 
 from throughput_batches import TASKS, FixedStream, shuffled_examples
 from throughput_reference import HFMultitask, Pipeline, hf_encoder, predict_hf

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minbert.data import TaskTensors, sorted_batches
-from minbert.model import to_hf_state_dict
-from minbert.optim.build import linear_schedule, optimizer_for_run as build_optimizer
-from minbert.pooling import pool
+from minbert.methods.optim.build import linear_schedule, optimizer_for_run as build_optimizer
+from minbert.model.encoder import to_hf_state_dict
+from minbert.model.pooling import pool
+from minbert.tasks.data import TaskTensors, sorted_batches
 
 from throughput_batches import TASKS
 

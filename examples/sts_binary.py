@@ -11,7 +11,7 @@ import argparse
 import csv
 from pathlib import Path
 
-from minbert.data import load_task
+from minbert.tasks.data import load_task
 
 THRESHOLD = 2.5
 

@@ -25,12 +25,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .data import TASKS, Example, TaskData, blank_text_problem, pad, sorted_batches, tensorize
-from .multitask import MultitaskBert, load_exported, resolve_checkpoint  # noqa: F401 (load_exported: API)
-from .precision import DEFAULT_BF16, resolve_bf16
-from .pooling import pool
-from .tasks import TASKS as _REGISTRY, tasks_of_method
-from .tokenizer import load_tokenizer, pad_token_id, seq_length_problem
+from minbert.model.multitask import MultitaskBert, load_exported, resolve_checkpoint  # noqa: F401 (load_exported: API)
+from minbert.model.pooling import pool
+from minbert.model.tokenizer import load_tokenizer, pad_token_id, seq_length_problem
+from minbert.tasks.data import TASKS, Example, TaskData, blank_text_problem, pad, sorted_batches, tensorize
+from minbert.tasks.registry import TASKS as _REGISTRY, tasks_of_method
+from minbert.training.precision import DEFAULT_BF16, resolve_bf16
 
 # Class names of the sentiment tasks, indexed by class id (the SST labels of the CS224N data).
 SENTIMENT_LABELS = {t: _REGISTRY[t].class_names for t in tasks_of_method("predict_sentiment")}

@@ -11,17 +11,17 @@ import os
 import sys
 from pathlib import Path
 
-from .config_file import apply_config_file  # noqa: F401  (re-exported: --config, as train_main reads it)
-from .data import DEFAULT_TASKS, TASKS
-from .io import finite_or_null, json_text
-from .metrics import format_scores  # noqa: F401  (re-exported: it lived here)
-from .run_config import ConfigError, RunConfig
-from .settings import add_arguments
+from minbert.io import finite_or_null, json_text
+from minbert.tasks.data import DEFAULT_TASKS, TASKS
+from minbert.tasks.metrics import format_scores  # noqa: F401  (re-exported: it lived here)
+from minbert.training.config_file import apply_config_file  # noqa: F401  (re-exported: --config, as train_main reads it)
+from minbert.training.run_config import ConfigError, RunConfig
+from minbert.training.settings import add_arguments
 
 
 def train_parser() -> argparse.ArgumentParser:
     """train_multitask.py's flags, derived from the settings dataclasses that RunConfig composes (each flag's name,
-    default, help, choices and reader are declared once, on its field: minbert.settings)."""
+    default, help, choices and reader are declared once, on its field: minbert.training.settings)."""
     p = argparse.ArgumentParser(
         prog="train_multitask.py",
         description="Fine-tune a BERT encoder on SST, QQP and STS at once; write checkpoints, the six CS224N "
@@ -50,8 +50,8 @@ def _setup_logging() -> None:
 
 
 def _run_user_command(fn, user_errors: tuple[type[BaseException], ...] = ()) -> int:
-    from .data import DataError
-    from .embedded import EmbeddedModelError
+    from minbert.tasks.data import DataError
+    from minbert.model.embedded import EmbeddedModelError
 
     try:
         fn()
@@ -72,8 +72,8 @@ def train_main(argv: list[str] | None = None) -> int:
     from_file = apply_config_file(p, argv)
     config = check_train_args(p, p.parse_args(argv), from_file)
     _setup_logging()
-    from .run import run
-    from .trainer import NonFiniteError
+    from minbert.training.run import run
+    from minbert.training.trainer import NonFiniteError
 
     return _run_user_command(lambda: run(config), user_errors=(NonFiniteError,))
 
@@ -96,7 +96,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
                    help="skip malformed gold rows (each named in a warning) instead of stopping")
     g.add_argument("--allow_partial", action="store_true",
                    help="score only the ids present (runs made with --max_eval_samples)")
-    g = p.add_argument_group("uncertainty (minbert/significance.py)")
+    g = p.add_argument_group("uncertainty (minbert/tasks/significance.py)")
     g.add_argument("--ci", action="store_true",
                    help="add a 95%% bootstrap confidence interval to every dev score (each task's dev examples "
                         "resampled, fixed seed, 2000 resamples); a task needs 2 dev rows at least, and below 30 "
@@ -117,16 +117,16 @@ def evaluate_parser() -> argparse.ArgumentParser:
 def evaluate_main(argv: list[str] | None = None) -> int:
     p = evaluate_parser()
     args = p.parse_args(argv)
-    from .predict import score_prediction_dir
+    from minbert.tasks.predict import score_prediction_dir
 
     def go():
-        from .user_tasks import declare, read_task_spec, stored_task_spec
+        from minbert.tasks.user_tasks import declare, read_task_spec, stored_task_spec
 
         declare(read_task_spec(args.task_spec) if args.task_spec else stored_task_spec(Path(args.predictions).parent))
         results = score_prediction_dir(args.predictions, args.data_dir, args.allow_partial, args.skip_bad_rows)
         extra = {}
         if args.ci or args.compare:
-            from . import significance as sig
+            from minbert.tasks import significance as sig
 
             dev = sig.read_dev_predictions(args.predictions, args.data_dir, args.allow_partial, args.skip_bad_rows)
             if not dev:

@@ -16,7 +16,7 @@ The output directory loads with ``transformers.BertModel.from_pretrained`` and `
 
 The folder is built whole in a temporary folder beside ``--out`` and renamed into place (minbert.io.build_dir): an
 interrupted or failed export (a full disk) leaves no partial folder that would block running it again. ``--out``
-follows minbert.output_policy: never an input or inside a checkpoint or run folder; an existing one is replaced
+follows minbert.io.output_policy: never an input or inside a checkpoint or run folder; an existing one is replaced
 only with ``--overwrite`` and only when it holds nothing but an export's files.
 """
 from __future__ import annotations
@@ -29,11 +29,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from .io import atomic_save, atomic_write_text, build_dir, json_text
-from .model import to_hf_state_dict
-from .multitask import MultitaskBert, resolve_checkpoint
-from .output_policy import LOCK_FILE, check_output_folder
-from .tokenizer import read_tokenizer_json
+from minbert.io import atomic_save, atomic_write_text, build_dir, json_text
+from minbert.io.output_policy import LOCK_FILE, check_output_folder
+from minbert.model.encoder import to_hf_state_dict
+from minbert.model.multitask import MultitaskBert, resolve_checkpoint
+from minbert.model.tokenizer import read_tokenizer_json
 
 HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "tokenizer_config.json")
 HEAD_FILES = ("heads.safetensors", "multitask.json")
@@ -131,12 +131,12 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import _run_user_command
+    from minbert.cli import _run_user_command
 
     args = export_parser().parse_args(argv)
 
     def go():
-        from .folder_lock import lock_beside
+        from minbert.io.folder_lock import lock_beside
 
         with lock_beside(args.out):  # one export per --out (a lock file beside it: the folder is replaced whole)
             out = export_checkpoint(args.checkpoint, args.out, args.overwrite)

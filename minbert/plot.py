@@ -4,7 +4,7 @@
     python -m minbert.plot --experiments results.json --out bars.png  # overall score of each experiment row
                                                                       # (error bars: std over seeds)
 
-Curves come from each run's metrics.jsonl (minbert.metrics_log.MetricsLog): training records carry ``step`` and
+Curves come from each run's metrics.jsonl (minbert.training.metrics_log.MetricsLog): training records carry ``step`` and
 ``loss_<task>`` (mean over the last --logging_steps steps) and ``lr``; epoch records carry ``dev`` scores.
 """
 from __future__ import annotations
@@ -16,9 +16,9 @@ import textwrap
 from pathlib import Path
 from typing import NamedTuple
 
-from .data import TASKS
-from .io import atomic_path
-from .metrics import metric_name
+from minbert.io import atomic_path
+from minbert.tasks.data import TASKS
+from minbert.tasks.metrics import metric_name
 
 PIP_HINT = "pip install matplotlib (or pip install 'minbert[plot]')"
 
@@ -292,7 +292,7 @@ def plot_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import _run_user_command
+    from minbert.cli import _run_user_command
 
     p = plot_parser()
     args = p.parse_args(argv)

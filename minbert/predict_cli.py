@@ -7,10 +7,10 @@
 
 ``--input`` reads a file in the task's CSV layout (the CS224N files: tab-separated, a header naming the ``id`` and
 text columns) or one text per line (a tab-separated pair per line for qqp and sts): ``--input_format``, or the
-exact header, says which (``minbert.predict_input``); anything else is refused. Predictions are made by the Python
+exact header, says which (``minbert.tasks.predict_input``); anything else is refused. Predictions are made by the Python
 API (``minbert.api``), batched; the whole output is computed before anything is written, and ``--output`` is
 written atomically, never over an existing file unless ``--overwrite``, never over an input or into a checkpoint
-or run folder (``minbert.output_policy``).
+or run folder (``minbert.io.output_policy``).
 """
 from __future__ import annotations
 
@@ -19,17 +19,17 @@ import csv
 import io
 import sys
 
-from .api import DEFAULT_BATCH_SIZE, SENTIMENT_LABELS, InferenceModel, MaxSeqLengthError, load
-from .cli import _run_user_command
-from .data import TASKS, blank_text_problem
-from .tasks import HEAD_ORDER
-from .io import atomic_write_text, json_text, read_json_file
-from .multitask import resolve_checkpoint
-from .user_tasks import declare, parse_task_spec
-from .precision import DEFAULT_BF16, bf16_flag
-from .output_policy import check_output_path
-from .predict_input import INPUT_FORMATS, read_inputs  # noqa: F401 (read_inputs: the --input reader)
-from .settings import positive_int
+from minbert.api import DEFAULT_BATCH_SIZE, SENTIMENT_LABELS, InferenceModel, MaxSeqLengthError, load
+from minbert.cli import _run_user_command
+from minbert.io import atomic_write_text, json_text, read_json_file
+from minbert.io.output_policy import check_output_path
+from minbert.model.multitask import resolve_checkpoint
+from minbert.tasks.data import TASKS, blank_text_problem
+from minbert.tasks.predict_input import INPUT_FORMATS, read_inputs  # noqa: F401 (read_inputs: the --input reader)
+from minbert.tasks.registry import HEAD_ORDER
+from minbert.tasks.user_tasks import declare, parse_task_spec
+from minbert.training.precision import DEFAULT_BF16, bf16_flag
+from minbert.training.settings import positive_int
 
 PREDICT_TASKS = HEAD_ORDER
 FORMATS = ("text", "csv", "jsonl")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from minbert.data import TASKS
+from minbert.tasks.data import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"

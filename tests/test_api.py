@@ -11,9 +11,9 @@ import torch
 
 import minbert
 from minbert import BertModel, MultitaskBert, MultitaskConfig, load_tokenizer
-from minbert.data import load_task, tensorize
 from minbert.export import export_checkpoint
-from minbert.predict import predict_task
+from minbert.tasks.data import load_task, tensorize
+from minbert.tasks.predict import predict_task
 
 from .conftest import ROOT
 
@@ -171,7 +171,7 @@ def test_resolve_checkpoint_falls_back_to_best_old(run_dir, tmp_path):
     """A kill between io.replace_dir's two renames leaves best.old: the run's checkpoint is still found."""
     import shutil
 
-    from minbert.multitask import resolve_checkpoint
+    from minbert.model.multitask import resolve_checkpoint
 
     shutil.copytree(run_dir / "best", tmp_path / "best.old")
     assert resolve_checkpoint(tmp_path) == tmp_path / "best.old"

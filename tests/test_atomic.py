@@ -1,5 +1,5 @@
-"""Atomic writes (minbert/io.py): a process killed while writing leaves the previous file (or checkpoint
-directory) intact; every writer in minbert goes through io.py."""
+"""Atomic writes (minbert/io/write.py): a process killed while writing leaves the previous file (or checkpoint
+directory) intact; every writer in minbert goes through minbert.io."""
 from __future__ import annotations
 
 import ast
@@ -21,7 +21,7 @@ from minbert.io import (AppendLog, atomic_save, atomic_write_text, published_dir
 from .conftest import ROOT
 
 # A child that saves a ~100 MB safetensors state over and over (each version filled with its number) with
-# minbert/io.py, announcing each write before it starts and after it is published. It loads io.py by path with
+# minbert/io/write.py, announcing each write before it starts and after it is published. It loads write.py by path with
 # NumPy's safetensors writer, so it starts in a fraction of a second (no torch import).
 WRITER = r"""
 import importlib.util, sys
@@ -52,7 +52,7 @@ def kill_while_writing(kind: str, target: Path, rng: random.Random) -> tuple[int
     """Start the writer, SIGKILL it a moment after it begins a write (the 2nd to 4th); return the number of
     the last version it published and whether a temporary file was left behind (the kill hit a write)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-c", WRITER, kind, str(target), str(ROOT / "minbert" / "io.py")], env=env,
+    p = subprocess.Popen([sys.executable, "-c", WRITER, kind, str(target), str(ROOT / "minbert" / "io" / "write.py")], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     kill_at = rng.randint(2, 4)
     done = 0
@@ -148,9 +148,9 @@ def test_append_log_drops_a_torn_last_line_and_appends(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Audit: every file minbert writes goes through minbert/io.py.
+# Audit: every file minbert writes goes through minbert/io/write.py.
 
-# Calls that write a file themselves (model.save and config.save call the io.py helpers).
+# Calls that write a file themselves (model.save and config.save call the minbert.io helpers).
 RAW_WRITERS = {"torch.save", "save_file", "np.save", "numpy.save"}
 RAW_WRITER_METHODS = {"write_text", "write_bytes", "savefig"}
 # embedded.py writes the extracted model into a private temporary directory that is published by one rename.
@@ -187,9 +187,9 @@ def _non_atomic_writes(path: Path) -> list[str]:
 
 
 def test_every_writer_goes_through_io_module():
-    files = [p for p in (ROOT / "minbert").rglob("*.py") if p.name != "io.py"]
+    files = [p for p in (ROOT / "minbert").rglob("*.py") if p != ROOT / "minbert" / "io" / "write.py"]
     offenders = [f for p in files for f in _non_atomic_writes(p)]
-    assert not offenders, "write these through minbert/io.py:\n" + "\n".join(offenders)
+    assert not offenders, "write these through minbert/io (write.py):\n" + "\n".join(offenders)
 
 
 def test_audit_flags_plain_writes(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from minbert.combiners import COMBINERS, StepContext, build_combiner, pcgrad
+from minbert.methods.combiners import COMBINERS, StepContext, build_combiner, pcgrad
 
 
 def t(*xs):
@@ -186,9 +186,9 @@ def test_gse_second_step_uses_the_updated_parameters():
 
 def tiny_multitask_bert(**config):
     """A 1-layer MultitaskBert on the three tasks and one small batch per task (``config``: BertConfig overrides)."""
-    from minbert.config import BertConfig
-    from minbert.model import BertModel
-    from minbert.multitask import MultitaskBert, MultitaskConfig
+    from minbert.model.config import BertConfig
+    from minbert.model.encoder import BertModel
+    from minbert.model.multitask import MultitaskBert, MultitaskConfig
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,

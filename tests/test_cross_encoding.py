@@ -15,12 +15,12 @@ import torch
 
 from minbert import BertConfig, BertModel
 from minbert.cli import train_main, train_parser
-from minbert.data import TASKS, Example, TaskData, load_task, tensorize
-from minbert.multitask import MultitaskBert, MultitaskConfig, format_pair_encoding, parse_pair_encoding
-from minbert.pooling import pool
-from minbert.tokenizer import load_tokenizer, pad_token_id
-from minbert.run import build_model
-from minbert.trainer import Trainer
+from minbert.model.multitask import MultitaskBert, MultitaskConfig, format_pair_encoding, parse_pair_encoding
+from minbert.model.pooling import pool
+from minbert.model.tokenizer import load_tokenizer, pad_token_id
+from minbert.tasks.data import TASKS, Example, TaskData, load_task, tensorize
+from minbert.training.run import build_model
+from minbert.training.trainer import Trainer
 
 from .test_cli_errors import usage_error
 from .test_resume import assert_same_weights, last_step, run_cli, train_argv
@@ -42,7 +42,7 @@ def joint_batch(small_data, task: str, tokenizer, n: int = 6) -> dict[str, torch
 def hf_twin(transformers, encoder: BertModel):
     hf_cfg = transformers.BertConfig(**{k: v for k, v in encoder.config.__dict__.items() if k != "add_pooling_layer"})
     hf = transformers.BertModel(hf_cfg).eval()
-    from minbert.model import to_hf_state_dict
+    from minbert.model.encoder import to_hf_state_dict
 
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(encoder.state_dict()), strict=False)
     assert not unexpected and all(k.endswith(("position_ids", "token_type_ids")) for k in missing)
@@ -126,8 +126,8 @@ def test_too_short_a_limit_for_a_pair_is_one_line():
 
 
 def test_a_tokenizer_json_without_pair_template_gets_one(tmp_path):
-    from minbert.model import resolve_model_dir
-    from minbert.tokenizer import has_pair_template
+    from minbert.model.encoder import resolve_model_dir
+    from minbert.model.tokenizer import has_pair_template
 
     src = json.loads((resolve_model_dir("minilm-l6") / "tokenizer.json").read_text())
     src["post_processor"] = None
@@ -282,7 +282,7 @@ def test_end_to_end_in_each_mode_writes_six_files(small_data, tmp_path, encoding
 
 def test_cross_end_to_end_predict_only_and_export(cross_run, small_data, tmp_path):
     from minbert.export import export_checkpoint
-    from minbert.predict import score_prediction_dir
+    from minbert.tasks.predict import score_prediction_dir
 
     assert sorted(p.name for p in (cross_run / "predictions").iterdir()) == sorted(SIX)
     args = json.loads((cross_run / "args.json").read_text())
@@ -338,7 +338,7 @@ def test_resume_under_cross_encoding_is_bit_identical(small_data, tmp_path):
 
 
 def test_sharded_prediction_subset_keeps_token_types(small_data):
-    from minbert.distributed import subset
+    from minbert.training.distributed import subset
 
     data = tensorize(load_task("sts", "dev", small_data, max_samples=6), load_tokenizer("bert-tiny", 32), "cross")
     part = subset(data, [4, 1])
@@ -352,7 +352,7 @@ def test_torchrun_two_processes_cross_with_smart_train_like_one(small_data, tmp_
     noise for the joint sequence's single column (distributed.batch_noise) and sharded prediction."""
     import torch.multiprocessing as mp
 
-    import minbert.run as train  # build_model lives in minbert.run
+    import minbert.training.run as train  # build_model lives in minbert.training.run
 
     from .test_distributed import PER_DEVICE, WORLD, _worker, common, free_port, losses, weights, without_dropout
 

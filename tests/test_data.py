@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from minbert.data import (TASKS, DataError, TaskStream, bucketed_batches, load_task, pad, read_task_file,
+from minbert.model.tokenizer import load_tokenizer
+from minbert.tasks.data import (TASKS, DataError, TaskStream, bucketed_batches, load_task, pad, read_task_file,
                           sorted_batches, tensorize)
-from minbert.tokenizer import load_tokenizer
 
 from .conftest import DATA
 

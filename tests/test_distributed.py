@@ -1,4 +1,4 @@
-"""Data-parallel training (minbert.distributed): 2 CPU processes (gloo) against 1 process on the same global batch.
+"""Data-parallel training (minbert.training.distributed): 2 CPU processes (gloo) against 1 process on the same global batch.
 
 Two workers are started with torch.multiprocessing and the environment torchrun gives its workers (RANK,
 LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); each runs the command line's ``train_main`` for a list of jobs,
@@ -73,8 +73,8 @@ def _worker(rank: int, jobs: list[tuple[str, list[str]]], port: int, watched: st
     """One rank: run every job's train_main (they share the process group the first one makes); dump the final
     weights of each job; rank 0 also snapshots the run directory of the "sum" job after its first checkpoint
     (a run killed there, for the resume job)."""
-    import minbert.run as run
-    import minbert.trainer as trainer
+    import minbert.training.run as run
+    import minbert.training.trainer as trainer
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
@@ -147,7 +147,7 @@ def runs(small_data, tmp_path_factory):
     single, double, dump = root / "single", root / "double", tmp_path_factory.mktemp("dump")
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    import minbert.run as run
+    import minbert.training.run as run
 
     build_model = run.build_model
     run.build_model = without_dropout(build_model)

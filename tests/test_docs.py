@@ -88,7 +88,7 @@ def refusals(what: str):
 
 def check_train(argv: list[str]) -> None:
     from minbert.cli import check_train_args, train_parser
-    from minbert.config_file import apply_config_file
+    from minbert.training.config_file import apply_config_file
 
     p = train_parser()
     exact_flags(p, argv, "train_multitask.py")

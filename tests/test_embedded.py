@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from minbert import embedded
-from minbert.embedded import EmbeddedModelError, embedded_model_dir, safe_extract, sha256_file
+from minbert.model.embedded import EmbeddedModelError, embedded_model_dir, safe_extract, sha256_file
+from minbert.model import embedded
 
 from .conftest import ROOT
 

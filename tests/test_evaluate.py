@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from minbert.data import DEFAULT_TASKS, TASKS, load_task
-from minbert.predict import prediction_path, read_predictions, score_prediction_dir, write_predictions
-from minbert.metrics import overall_score
+from minbert.tasks.data import DEFAULT_TASKS, TASKS, load_task
+from minbert.tasks.metrics import overall_score
+from minbert.tasks.predict import prediction_path, read_predictions, score_prediction_dir, write_predictions
 
 from .conftest import ROOT
 

@@ -134,7 +134,7 @@ def test_mfac_cards_smoke_runs_both_optimizers_over_seeds(small_data, tmp_path, 
 
 def test_mfac_cards_flags():
     from minbert.experiments import CARD_MFAC_ARGS, card_rows
-    from minbert.optim import parse_optim_args
+    from minbert.methods.optim import parse_optim_args
 
     rows = card_rows("sst2", "full", (1234,))
     assert [r.key for r in rows] == ["adam-seed1234", "mfac-seed1234"]

@@ -140,7 +140,7 @@ def test_a_row_the_training_checks_refuse_is_named_before_anything_is_created(tm
 def test_two_runners_share_a_table_folder(tmp_path, small_data, capsys):
     """docs/results.md runs one runner per core on disjoint --rows in one --output_dir: the table folder is not
     locked (each run locks its own folder), so a second runner proceeds while another holds the folder."""
-    from minbert.folder_lock import folder_lock
+    from minbert.io.folder_lock import folder_lock
 
     out = tmp_path / "paper"
     for _, _, argv in _commands(out, small_data):
@@ -153,7 +153,7 @@ def test_two_runners_share_a_table_folder(tmp_path, small_data, capsys):
 
 def test_a_run_folder_in_use_is_one_line(tmp_path, small_data, capsys, caplog):
     """A run another process is training (its folder locked) is that run's one-line error, not a traceback."""
-    from minbert.folder_lock import folder_lock
+    from minbert.io.folder_lock import folder_lock
 
     out = tmp_path / "paper"
     (out / "baseline").mkdir(parents=True)
@@ -178,7 +178,7 @@ def test_the_same_data_folder_spelled_otherwise_is_the_same_setting(tmp_path, sm
 
 
 def test_peak_rss_is_none_where_the_platform_has_no_resource_module(monkeypatch):
-    from minbert.metrics_log import peak_rss_mb
+    from minbert.training.metrics_log import peak_rss_mb
 
     assert peak_rss_mb() > 50  # MB: this process has imported torch
     monkeypatch.setitem(sys.modules, "resource", None)  # as on Windows: `import resource` raises ImportError

@@ -23,8 +23,8 @@ from typing import Callable
 import pytest
 
 from minbert.cli import evaluate_main, train_main
-from minbert.data import SPLITS, TASKS, DataError, id_problem, is_blank, load_task, read_task_file
-from minbert.predict import prediction_path, read_predictions, score_prediction_dir, write_predictions
+from minbert.tasks.data import SPLITS, TASKS, DataError, id_problem, is_blank, load_task, read_task_file
+from minbert.tasks.predict import prediction_path, read_predictions, score_prediction_dir, write_predictions
 
 from .conftest import ROOT, no_hang
 
@@ -628,7 +628,7 @@ def test_non_regular_prediction_file(small_data, valid_predictions, tmp_path, ta
 
 HELPER = r"""
 import json, os, runpy, sys, traceback
-import minbert.cli, minbert.run, minbert.predict  # imported once; each case is a fork of this process
+import minbert.cli, minbert.training.run, minbert.tasks.predict  # imported once; each case is a fork of this process
 
 for request in sys.stdin:
     case = json.loads(request)

@@ -10,12 +10,12 @@ import random
 import pytest
 
 from minbert.cli import evaluate_main, evaluate_parser, train_main
-from minbert.data import DEFAULT_TASKS, TASKS, load_task
 from minbert.io import DataError, comma_list, parse_json
-from minbert.metrics import with_overall
-from minbert.optim import parse_optim_args
-from minbert.predict import prediction_path, write_predictions
-from minbert.significance import MIN_RELIABLE
+from minbert.methods.optim import parse_optim_args
+from minbert.tasks.data import DEFAULT_TASKS, TASKS, load_task
+from minbert.tasks.metrics import with_overall
+from minbert.tasks.predict import prediction_path, write_predictions
+from minbert.tasks.significance import MIN_RELIABLE
 
 from .conftest import ROOT
 from .test_cli_errors import usage_error
@@ -158,7 +158,7 @@ class NoArgument:
 
 class ReturnsNone:
     def step(self, ctx):
-        from minbert.combiners import Sum
+        from minbert.methods.combiners import Sum
 
         Sum().step(ctx)
 

@@ -14,14 +14,14 @@ from safetensors.torch import load_file, save_file
 
 import minbert
 from minbert.api import MaxSeqLengthError, NonFiniteOutputError
-from minbert.data import TASKS, DataError, blank_text_problem, read_task_file
 from minbert.export import main as export_main
 from minbert.io import json_text
-from minbert.model import BertModel
-from minbert.multitask import MultitaskBert
+from minbert.io.torch_load import load_torch_file
+from minbert.model.encoder import BertModel
+from minbert.model.multitask import MultitaskBert
 from minbert.predict_cli import main as predict_main
-from minbert.predict_input import read_inputs
-from minbert.torch_load import load_torch_file
+from minbert.tasks.data import TASKS, DataError, blank_text_problem, read_task_file
+from minbert.tasks.predict_input import read_inputs
 
 from .test_api import tiny_run_dir
 

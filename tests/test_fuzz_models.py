@@ -22,12 +22,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minbert.cli import train_main
-from minbert.config import BertConfig
 from minbert.export import export_checkpoint
 from minbert.io import PUBLISHED_MODE
-from minbert.model import BertModel, to_hf_state_dict
-from minbert.multitask import MultitaskBert, MultitaskConfig
-from minbert.tokenizer import load_tokenizer
+from minbert.model.config import BertConfig
+from minbert.model.encoder import BertModel, to_hf_state_dict
+from minbert.model.multitask import MultitaskBert, MultitaskConfig
+from minbert.model.tokenizer import load_tokenizer
 
 from .conftest import no_hang
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from minbert.heads import (STS_HEADS, Cosine2d1Head, CosineEmbeddingHead, CosineHead, CosineRegressionHead, STSHead,
+from minbert.model.encoder import BertOutput
+from minbert.model.heads import (STS_HEADS, Cosine2d1Head, CosineEmbeddingHead, CosineHead, CosineRegressionHead, STSHead,
                            build_heads)
-from minbert.model import BertOutput
-from minbert.pooling import pool
+from minbert.model.pooling import pool
 
 
 def t(*rows):
@@ -139,8 +139,8 @@ def test_mean_and_max_pooling_ignore_padding():
 
 def test_pooling_padding_invariance_through_the_encoder():
     """Padding a sentence with extra [PAD] tokens leaves its mean/max embedding unchanged (keys are masked)."""
-    from minbert.config import BertConfig
-    from minbert.model import BertModel
+    from minbert.model.config import BertConfig
+    from minbert.model.encoder import BertModel
 
     torch.manual_seed(0)
     enc = BertModel(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,

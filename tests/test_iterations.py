@@ -4,10 +4,10 @@ from collections import Counter
 
 import pytest
 
-from minbert.run import run
-from minbert.trainer import Trainer
 from minbert.cli import train_parser
-from minbert.data import TASKS
+from minbert.tasks.data import TASKS
+from minbert.training.run import run
+from minbert.training.trainer import Trainer
 
 from .conftest import DATA, write_slice
 

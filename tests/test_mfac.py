@@ -1,4 +1,4 @@
-"""Tests for the M-FAC optimizer (minbert/optim/mfac.py) and optimizer helpers."""
+"""Tests for the M-FAC optimizer (minbert/methods/optim/mfac.py) and optimizer helpers."""
 
 import copy
 import io
@@ -6,8 +6,8 @@ import io
 import pytest
 import torch
 
-import minbert.optim.mfac as mfac_module
-from minbert.optim import MFAC, MFACMemoryError, build_optimizer, parse_optim_args
+from minbert.methods.optim import MFAC, MFACMemoryError, build_optimizer, parse_optim_args
+import minbert.methods.optim.mfac as mfac_module
 
 SHAPES = [(4, 5), (10,), (5, 4)]  # d = 50, split over parameters of different shapes
 D = 50

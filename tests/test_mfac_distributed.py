@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import minbert.optim.mfac as mfac_module
-from minbert.optim import MFAC, MFACMemoryError
+from minbert.methods.optim import MFAC, MFACMemoryError
+import minbert.methods.optim.mfac as mfac_module
 
 WORLD = 2
 # d = 15 + 4 + 16 + 4 = 39 (odd): the shards are columns 0:20 and 20:39, and the

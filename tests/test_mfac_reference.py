@@ -5,7 +5,7 @@ parameters (a plain-gradient step does not match)."""
 import pytest
 import torch
 
-from minbert.optim import MFAC
+from minbert.methods.optim import MFAC
 
 
 class HInvSlow:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minbert import BertConfig, BertModel
-from minbert.model import from_hf_state_dict, resolve_model_dir, to_hf_state_dict
+from minbert.model.encoder import from_hf_state_dict, resolve_model_dir, to_hf_state_dict
 
 transformers = pytest.importorskip("transformers")
 

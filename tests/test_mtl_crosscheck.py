@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchjd.aggregation import PCGrad, Mean, Sum, UPGrad
 
-from minbert.combiners import StepContext, build_combiner, pcgrad
+from minbert.methods.combiners import StepContext, build_combiner, pcgrad
 
 from .test_combiners import tiny_multitask_bert
 

@@ -8,7 +8,7 @@ import pytest
 
 from minbert.experiments import main
 from minbert.experiments.mtl import MTL_ITERATIONS, MTL_ROW_KEYS
-from minbert.mtl_methods import METHODS
+from minbert.methods.mtl_methods import METHODS
 
 
 def test_smoke_mtl_table_compares_every_row_with_baseline_and_sum(small_data, tmp_path, capsys, one_thread):

@@ -1,4 +1,4 @@
-"""The torchjd methods of ``--combiner`` (minbert.mtl_methods, minbert.mtl_combiners) through the command line:
+"""The torchjd methods of ``--combiner`` (minbert.methods.mtl_methods, minbert.methods.mtl_combiners) through the command line:
 every name trains end to end on bert-tiny; with --smart, --iterations_multiplier and bf16; the stateful ones
 resume bit-identically; two processes train like one; the missing solver extra and bad options are one-line
 errors before anything is written; docs/multitask.md lists every method."""
@@ -14,9 +14,9 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-import minbert.trainer as trainer_module
 from minbert.cli import train_main
-from minbert.mtl_methods import METHODS, markdown_table
+from minbert.methods.mtl_methods import METHODS, markdown_table
+import minbert.training.trainer as trainer_module
 
 from .conftest import ROOT
 from .test_cli_errors import usage_error
@@ -94,7 +94,7 @@ def test_stateful_methods_resume_bit_identically(name, small_data, tmp_path, one
 
 
 def test_missing_solver_extra_is_one_line_before_anything_is_written(small_data, tmp_path, capsys, monkeypatch):
-    import minbert.mtl_methods as methods
+    import minbert.methods.mtl_methods as methods
 
     real = methods.importlib.util.find_spec
     monkeypatch.setattr(methods.importlib.util, "find_spec", lambda n, *a: None if n == "cvxpy" else real(n, *a))
@@ -135,7 +135,7 @@ def test_two_processes_train_like_one(small_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("mtl-ddp")
     single, double, dump = root / "single", root / "double", root / "dump"
     dump.mkdir()
-    import minbert.run as run
+    import minbert.training.run as run
 
     def flags(name):
         return ["--combiner", name, "--max_train_samples", "21"]

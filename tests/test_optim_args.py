@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from minbert.cli import train_main, train_parser
-from minbert.optim.build import optimizer_for_run
-from minbert.run import build_model
-from minbert.run_config import RunConfig
+from minbert.methods.optim.build import optimizer_for_run
+from minbert.training.run import build_model
+from minbert.training.run_config import RunConfig
 
 from .conftest import ROOT
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from minbert.checkpoint_state import DamagedCheckpoint, check_positions
 from minbert.cli import apply_config_file, train_main, train_parser
-from minbert.config_file import COMMAND_LINE_ONLY
-from minbert.folder_lock import LOCK_NAME, FolderInUse, folder_lock, lock_beside
-from minbert.output_dir import RUN_OUTPUTS, check_output_dir, clean_failed_start, foreign_file, prepare_output_dir
+from minbert.io.folder_lock import LOCK_NAME, FolderInUse, folder_lock, lock_beside
+from minbert.training.checkpoint_state import DamagedCheckpoint, check_positions
+from minbert.training.config_file import COMMAND_LINE_ONLY
+from minbert.training.output_dir import RUN_OUTPUTS, check_output_dir, clean_failed_start, foreign_file, prepare_output_dir
 
 from .conftest import ROOT
 
@@ -153,7 +153,7 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_same_command(tmp_path):
 def test_a_second_process_on_the_same_folder_gets_one_line_with_the_pid(tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from minbert.folder_lock import folder_lock\n"
+        "import sys, time; from minbert.io.folder_lock import folder_lock\n"
         f"with folder_lock({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)\n")],
         stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:

@@ -1,5 +1,5 @@
-"""Where minbert-predict --output and minbert-export --out may write (minbert.output_policy), and a full disk
-(minbert.disk_full): refusals are one line, nothing is overwritten that the user did not ask for, nothing partial
+"""Where minbert-predict --output and minbert-export --out may write (minbert.io.output_policy), and a full disk
+(minbert.io.disk_full): refusals are one line, nothing is overwritten that the user did not ask for, nothing partial
 is left behind."""
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from minbert.disk_full import DiskFullError, disk_full, no_space_guard
 from minbert.export import main as export_main
 from minbert.io import atomic_write_text, build_dir
-from minbert.output_policy import LOCK_FILE, check_output_path
+from minbert.io.disk_full import DiskFullError, disk_full, no_space_guard
+from minbert.io.output_policy import LOCK_FILE, check_output_path
 from minbert.predict_cli import main as predict_main
 
 from .conftest import ROOT
@@ -97,7 +97,7 @@ def test_disk_full_is_recognised_in_every_form(tmp_path, monkeypatch):
                                'space left on device" })'))
     assert not disk_full(OSError(errno.EACCES, "Permission denied"))
     assert not disk_full(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), tmp_path)
-    monkeypatch.setattr("minbert.disk_full._free_blocks", lambda path: 0)
+    monkeypatch.setattr("minbert.io.disk_full._free_blocks", lambda path: 0)
     assert disk_full(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), tmp_path)
     with pytest.raises(DiskFullError, match=f"^{tmp_path / 'x'}: no space left on device"):
         with no_space_guard(tmp_path / "x"):
@@ -169,7 +169,7 @@ def test_atomic_write_text_names_a_full_disk(tmp_path, monkeypatch):
 
 
 def test_output_dir_never_holds_or_lies_in_the_checkpoint_it_reads(run_dir, tmp_path):
-    from minbert.output_policy import check_run_inputs
+    from minbert.io.output_policy import check_run_inputs
 
     for out, overwrite in ((run_dir / "best", False), (run_dir / "best" / "p", False), (run_dir, True)):
         with pytest.raises(ValueError, match=f"^--output_dir {out}"):

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from minbert.plot import curves, main as plot_main, read_experiment_rows, read_metrics
-from minbert.metrics_log import MetricsLog
+from minbert.training.metrics_log import MetricsLog
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from minbert import precision
 from minbert.cli import check_train_args, train_parser
-from minbert.precision import DEFAULT_BF16, cpu_flags, native_bf16, parse_bf16, resolve_bf16
+from minbert.training import precision
+from minbert.training.precision import DEFAULT_BF16, cpu_flags, native_bf16, parse_bf16, resolve_bf16
 
 from .conftest import ROOT
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import minbert
-from minbert.data import load_task
 from minbert.predict_cli import main
+from minbert.tasks.data import load_task
 
 from .conftest import ROOT
 from .test_api import doc_section, save_tiny_checkpoint, tiny_run_dir

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from minbert.progress import ProgressLog, format_duration
+from minbert.training.progress import ProgressLog, format_duration
 
 
 class Clock:

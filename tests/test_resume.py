@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from minbert.cli import train_main
-from minbert.output_dir import check_output_dir, prepare_output_dir
+from minbert.training.output_dir import check_output_dir, prepare_output_dir
 
 from .conftest import ROOT
 
@@ -190,7 +190,7 @@ def test_non_finite_steps_stop_with_one_line_and_keep_last_good_checkpoint(small
                                                                           one_thread):
     """A loss that turns NaN from step 3 on: steps are skipped and counted; the run stops with one line after
     more than --max_bad_steps in a row; `last` keeps the state of the last good step."""
-    from minbert.multitask import MultitaskBert
+    from minbert.model.multitask import MultitaskBert
 
     calls = {"n": 0}
     loss = MultitaskBert.loss

@@ -130,7 +130,7 @@ def test_a_damaged_last_checkpoint_is_one_line_naming_the_file(finished, tmp_pat
 def test_metrics_log_and_experiment_records_stay_strict_json(tmp_path):
     """A skipped step's NaN loss (or a one-seed std) is written as null: metrics.jsonl and results files stay JSON."""
     from minbert.io import finite_or_null, json_text
-    from minbert.metrics_log import MetricsLog
+    from minbert.training.metrics_log import MetricsLog
 
     log = MetricsLog(tmp_path / "metrics.jsonl")
     log.write(step=3, loss_sst=float("nan"), loss_qqp=0.5, dev={"sts": float("inf")})

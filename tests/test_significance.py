@@ -1,4 +1,4 @@
-"""evaluate.py --ci and --compare (minbert/significance.py) on constructed predictions whose answer is known."""
+"""evaluate.py --ci and --compare (minbert/tasks/significance.py) on constructed predictions whose answer is known."""
 import json
 import math
 import shutil
@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from minbert.data import DEFAULT_TASKS, TASKS, load_task
-from minbert.predict import prediction_path, write_predictions
-from minbert.significance import confidence_intervals, paired_comparison, read_dev_predictions
+from minbert.tasks.data import DEFAULT_TASKS, TASKS, load_task
+from minbert.tasks.predict import prediction_path, write_predictions
+from minbert.tasks.significance import confidence_intervals, paired_comparison, read_dev_predictions
 
 from .conftest import DATA, ROOT
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minbert.config import BertConfig
-from minbert.model import BertModel
-from minbert.multitask import MultitaskBert, MultitaskConfig
-from minbert.smart import SmartRegularizer, adversarial_perturbation, divergence, smart_loss
+from minbert.methods.smart import SmartRegularizer, adversarial_perturbation, divergence, smart_loss
+from minbert.model.config import BertConfig
+from minbert.model.encoder import BertModel
+from minbert.model.multitask import MultitaskBert, MultitaskConfig
 
 from .conftest import DATA, ROOT
 

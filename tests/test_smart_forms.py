@@ -1,4 +1,4 @@
-"""SMART's three forms of δ against line-by-line transcriptions of their references (minbert/smart.py names them):
+"""SMART's three forms of δ against line-by-line transcriptions of their references (minbert/methods/smart.py names them):
 
 * library (default): namisan/mt-dnn mt_dnn/perturbation.py at 676b48b, as archinetai/smart-pytorch runs it;
 * library_early (legacy name ``none``): namisan/mt-dnn mt_dnn/perturbation.py at 0d6201e;
@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from minbert.smart import SmartRegularizer, adversarial_perturbation, divergence
+from minbert.methods.smart import SmartRegularizer, adversarial_perturbation, divergence
 
 from .test_smart import minilm, tiny_batch, tiny_model  # noqa: F401  (minilm is a fixture)
 
@@ -21,7 +21,7 @@ SIGMA, ETA, EPS = 1e-5, 1e-3, 1e-5
 
 
 def ell_s(a, b, kind):
-    """ℓ_s per example, written out independently of minbert.smart.divergence: symmetric KL of the softmax
+    """ℓ_s per example, written out independently of minbert.methods.smart.divergence: symmetric KL of the softmax
     (logits), of the Bernoulli (binary), squared error (score)."""
     if kind == "logits":
         p, q = a.softmax(-1), b.softmax(-1)
@@ -199,8 +199,8 @@ def test_ascent_loss_is_summed_over_the_batch_as_the_references():
 
 
 def test_resume_and_config_read_the_legacy_name(tmp_path):
-    from minbert.output_dir import check_same_settings
-    from minbert.legacy_settings import current_settings
+    from minbert.training.output_dir import check_same_settings
+    from minbert.training.legacy_settings import current_settings
 
     assert current_settings({"smart_projection": "none", "seed": 1}) == {"smart_projection": "library_early",
                                                                           "seed": 1}

@@ -1,4 +1,4 @@
-"""The task registry (minbert/tasks.py): the one place the package names its tasks."""
+"""The task registry (minbert/tasks/registry.py): the one place the package names its tasks."""
 import ast
 import json
 import subprocess
@@ -6,15 +6,15 @@ import sys
 
 import pytest
 
-from minbert.heads import build_heads
-from minbert.metrics import format_scores, overall_score
-from minbert.predict import prediction_path
-from minbert.tasks import DEFAULT_TASKS, HEAD_ORDER, LEADERBOARD_TASKS, TASKS, get_task, tasks_of_method
+from minbert.model.heads import build_heads
+from minbert.tasks.metrics import format_scores, overall_score
+from minbert.tasks.predict import prediction_path
+from minbert.tasks.registry import DEFAULT_TASKS, HEAD_ORDER, LEADERBOARD_TASKS, TASKS, get_task, tasks_of_method
 
 from .conftest import ROOT
 
 PACKAGE = ROOT / "minbert"
-# String constants allowed outside tasks.py, each with its reason: (file relative to minbert/, the constant).
+# String constants allowed outside tasks/registry.py, each with its reason: (file relative to minbert/, the constant).
 ALLOWED = {
     # The experiment cards are command lines (argv) of recorded experiments: "--tasks sst2" there is what a user
     # types, and "sst2" names the card's setting; neither defines the task.
@@ -27,7 +27,7 @@ ALLOWED = {
 
 
 def _names() -> set[str]:
-    """Task names, the task files and the prediction files: what only tasks.py may spell out."""
+    """Task names, the task files and the prediction files: what only tasks/registry.py may spell out."""
     names = set(TASKS)
     for spec in TASKS.values():
         names |= set(spec.files.values())
@@ -64,9 +64,9 @@ def literal_task_names(source: str, rel: str) -> list[str]:
 
 
 def test_tasks_are_named_only_in_the_registry():
-    found = [hit for path in sorted(PACKAGE.rglob("*.py")) if path.name != "tasks.py"
+    found = [hit for path in sorted(PACKAGE.rglob("*.py")) if path != PACKAGE / "tasks" / "registry.py"
              for hit in literal_task_names(path.read_text(encoding="utf-8"), path.relative_to(PACKAGE).as_posix())]
-    assert not found, "task names outside minbert/tasks.py:\n" + "\n".join(found)
+    assert not found, "task names outside minbert/tasks/registry.py:\n" + "\n".join(found)
 
 
 def test_every_allowed_literal_is_still_there():
@@ -84,7 +84,7 @@ def test_the_scan_finds_a_literal():
     assert [h.split(": ", 1)[1] for h in literal_task_names(source, "m.py")] == [
         "'qqp'", "'/ids-sst-dev.csv'", "'sts-test-output.csv'", "'--sst_weight'"]
     assert literal_task_names('x = "--sts_head"\n', "experiments/profiles.py") == []
-    assert literal_task_names('x = "--sts_head"\n', "run.py") == ["minbert/run.py:1: '--sts_head'"]
+    assert literal_task_names('x = "--sts_head"\n', "training/run.py") == ["minbert/training/run.py:1: '--sts_head'"]
 
 
 def test_registry_order_and_lookup():
@@ -114,7 +114,7 @@ def test_heads_follow_the_registry():
 ADD_A_TASK = r'''
 import dataclasses, json, shutil, sys
 from pathlib import Path
-import minbert.tasks as T
+import minbert.tasks.registry as T
 
 # A new task, as one more TASKS entry would declare it: a 5-class single-sentence task on copies of the SST files.
 toy = dataclasses.replace(T.TASKS["sst"], name="toy", output_prefix="toy", leaderboard=False, table_label="Toy acc",
@@ -135,7 +135,7 @@ print(json.dumps({"predictions": sorted(p.name for p in (out / "predictions").it
 def test_a_new_task_needs_only_its_registry_entry(data_copy, tmp_path):
     """A registry entry is enough to train on a task, write its prediction files and score it: no other module
     changes (in a fresh interpreter, whose TASKS gets the entry before the run; module constants derived from
-    TASKS at import, like minbert-predict's choices, would see it only from a real entry in tasks.py)."""
+    TASKS at import, like minbert-predict's choices, would see it only from a real entry in tasks/registry.py)."""
     run = subprocess.run([sys.executable, "-c", ADD_A_TASK, str(data_copy), str(tmp_path / "run")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from minbert.cli import train_main, train_parser
-from minbert.config import BertConfig
-from minbert.data import load_task, tensorize
-from minbert.model import SKIP_PADDING_FROM, BertModel
-from minbert.multitask import MultitaskBert
-from minbert.tokenizer import load_tokenizer
-from minbert.run import build_model
-from minbert.trainer import Trainer
+from minbert.model.config import BertConfig
+from minbert.model.encoder import SKIP_PADDING_FROM, BertModel
+from minbert.model.multitask import MultitaskBert
+from minbert.model.tokenizer import load_tokenizer
+from minbert.tasks.data import load_task, tensorize
+from minbert.training.run import build_model
+from minbert.training.trainer import Trainer
 
 from .conftest import ROOT
 

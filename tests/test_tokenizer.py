@@ -1,6 +1,6 @@
 import pytest
 
-from minbert.tokenizer import load_tokenizer
+from minbert.model.tokenizer import load_tokenizer
 
 
 def test_embedded_tokenizer_no_padding_and_pairs():

@@ -7,7 +7,7 @@ import pytest
 from safetensors.torch import load_file
 
 from minbert.cli import train_main
-from minbert.predict import score_prediction_dir
+from minbert.tasks.predict import score_prediction_dir
 
 from .conftest import ROOT
 
@@ -60,11 +60,11 @@ def test_predict_only_from_checkpoint(tiny_run, small_data, tmp_path):
 def test_dev_is_predicted_once_per_epoch_and_test_can_be_skipped(data_copy, tmp_path, monkeypatch):
     """The dev prediction files are the best epoch's evaluation (not a second prediction: the files equal a
     prediction from best/, test_predict_only_from_checkpoint); --skip_test_predictions reads no test file."""
-    import minbert.run
-    import minbert.trainer
+    import minbert.training.run
+    import minbert.training.trainer
 
     calls = []
-    for module in (minbert.run, minbert.trainer):
+    for module in (minbert.training.run, minbert.training.trainer):
         real = module.predict_task
         monkeypatch.setattr(module, "predict_task",
                             lambda *a, real=real, **k: calls.append(k["desc"].split()[0]) or real(*a, **k))
@@ -104,8 +104,8 @@ def test_finished_output_dir_is_refused(tiny_run, small_data):
 
 def test_heads_get_their_own_learning_rate_and_no_decay_on_vectors():
     from minbert.cli import train_parser
-    from minbert.optim.build import optimizer_for_run as build_optimizer
-    from minbert.run import build_model
+    from minbert.methods.optim.build import optimizer_for_run as build_optimizer
+    from minbert.training.run import build_model
 
     args = train_parser().parse_args(["--model_name_or_path", "bert-tiny", "--learning_rate", "2e-5",
                                       "--head_learning_rate", "3e-3", "--weight_decay", "0.1"])

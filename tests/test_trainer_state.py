@@ -1,5 +1,5 @@
-"""The Trainer's resumable state is one state_dict() / load_state_dict() pair (minbert/trainer_state.py), and
-minbert/checkpoint_state.py reaches the trainer through that pair only."""
+"""The Trainer's resumable state is one state_dict() / load_state_dict() pair (minbert/training/trainer_state.py), and
+minbert/training/checkpoint_state.py reaches the trainer through that pair only."""
 from __future__ import annotations
 
 import ast
@@ -8,12 +8,12 @@ import copy
 import torch
 
 from minbert.cli import train_parser
-from minbert.data import load_task, tensorize
-from minbert.metrics_log import MetricsLog
-from minbert.run import build_model
-from minbert.run_config import RunConfig
-from minbert.tokenizer import load_tokenizer
-from minbert.trainer import Trainer
+from minbert.model.tokenizer import load_tokenizer
+from minbert.tasks.data import load_task, tensorize
+from minbert.training.metrics_log import MetricsLog
+from minbert.training.run import build_model
+from minbert.training.run_config import RunConfig
+from minbert.training.trainer import Trainer
 
 from .conftest import ROOT
 
@@ -87,7 +87,7 @@ def test_state_dict_round_trips_and_a_fresh_trainer_continues_identically(small_
 
 
 def test_a_state_for_another_schedule_is_refused_before_anything_changes(small_data, tmp_path, one_thread):
-    from minbert.checkpoint_state import StateDoesNotFit
+    from minbert.training.checkpoint_state import StateDoesNotFit
 
     trainer = make_trainer(small_data, tmp_path / "a")
     state = trainer.state_dict()
@@ -107,7 +107,7 @@ def trainer_attributes() -> set[str]:
     """Every attribute a Trainer has: its methods and what its code assigns to ``self.<name>``."""
     names = {n for n in dir(Trainer) if not n.startswith("__")}
     for name in ("trainer.py", "trainer_state.py"):
-        for node in ast.walk(ast.parse((ROOT / "minbert" / name).read_text(encoding="utf-8"))):
+        for node in ast.walk(ast.parse((ROOT / "minbert" / "training" / name).read_text(encoding="utf-8"))):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
                 names.add(node.attr)
     return names
@@ -127,7 +127,7 @@ def test_the_access_check_finds_a_planted_access():
 
 
 def test_checkpoint_state_reaches_the_trainer_only_through_its_state_dict():
-    source = (ROOT / "minbert" / "checkpoint_state.py").read_text(encoding="utf-8")
+    source = (ROOT / "minbert" / "training" / "checkpoint_state.py").read_text(encoding="utf-8")
     assert trainer_accesses(source) == []
 
 

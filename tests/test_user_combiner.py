@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from minbert.cli import train_main
-from minbert.combiners import Sum, build_combiner
-from minbert.mtl_methods import METHODS
+from minbert.methods.combiners import Sum, build_combiner
+from minbert.methods.mtl_methods import METHODS
 
 from .conftest import ROOT
 from .test_cli_errors import usage_error

@@ -1,4 +1,4 @@
-"""Tasks of the user's own (--task_spec, minbert/user_tasks.py): a fourth task made here from the shipped STS pairs
+"""Tasks of the user's own (--task_spec, minbert/tasks/user_tasks.py): a fourth task made here from the shipped STS pairs
 (binary: similarity above 2.5, examples/sts_binary.py) and a single-sentence regression made from the SST labels
 train beside the three CS224N tasks, are predicted into NAME-dev/test-output.csv, scored by evaluate.py beside an
 unchanged overall, predicted by minbert.load and minbert-predict, and resumed without the spec file; every
@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 import minbert
-from minbert import tasks as registry
 from minbert.cli import evaluate_main, train_main
-from minbert.data import load_task
-from minbert.metrics import with_overall
-from minbert.predict import read_predictions
-from minbert.user_tasks import parse_task_spec
+from minbert.tasks.data import load_task
+from minbert.tasks.metrics import with_overall
+from minbert.tasks.predict import read_predictions
+from minbert.tasks import registry
+from minbert.tasks.user_tasks import parse_task_spec
 
 from .conftest import ROOT
 from .test_resume import run_cli
@@ -33,7 +33,7 @@ SSTSCORE = {"name": "sstscore", "input": "sentence", "kind": "regression", "scor
 
 @pytest.fixture(autouse=True)
 def registry_restored():
-    """Runs in this process declare their tasks in minbert.tasks.TASKS: each test leaves the registry as it was."""
+    """Runs in this process declare their tasks in minbert.tasks.registry.TASKS: each test leaves the registry as it was."""
     saved = dict(registry.TASKS)
     yield
     registry.TASKS.clear()
@@ -115,8 +115,8 @@ def test_a_fourth_task_trains_predicts_scores_and_loads(user_data, tmp_path, one
 def test_every_combiner_trains_a_users_task(user_data, tmp_path, one_thread, combiner):
     """From Python: the spec's content (a dict) in the settings, as args.json holds it."""
     from minbert.cli import train_parser
-    from minbert.run import run
-    from minbert.run_config import RunConfig
+    from minbert.training.run import run
+    from minbert.training.run_config import RunConfig
 
     args = train_parser().parse_args(train_argv(user_data, tmp_path / "run", "unused.json", "--tasks", "sts",
                                                 "--combiner", combiner, "--skip_test_predictions"))

@@ -15,13 +15,13 @@ Modules: :mod:`.profiles` (the rows and the profiles: what each keeps from the r
 the rows, collecting the scores), :mod:`.stats` (mean ± std, paired differences), :mod:`.tables` (Markdown),
 :mod:`.cards` (Adam vs M-FAC), :mod:`.command` (the command line).
 """
-from .cards import CARD_MFAC_ARGS, CARD_SEEDS, CARD_SETTINGS, CardsRun, card_rows
-from .command import main, parser
-from .profiles import (ARCHITECTURES, BASELINE, COMMON, CPU_STEPS, DEFAULT_ARCHITECTURE, PAIR_ENCODING, PROFILES,
-                       REPORT_ARCHITECTURE, ROW_KEYS, ROWS, STEP_CAPS, Row, bf16_native, row_argv, smart_accepts_bf16,
-                       use_bf16)
-from .runner import PaperRun, execute, run_row, train_entry_point
-from .stats import mean_std, paired_difference
+from minbert.experiments.cards import CARD_MFAC_ARGS, CARD_SEEDS, CARD_SETTINGS, CardsRun, card_rows
+from minbert.experiments.command import main, parser
+from minbert.experiments.profiles import (ARCHITECTURES, BASELINE, COMMON, CPU_STEPS, DEFAULT_ARCHITECTURE,
+                                          PAIR_ENCODING, PROFILES, REPORT_ARCHITECTURE, ROW_KEYS, ROWS, STEP_CAPS,
+                                          Row, bf16_native, row_argv, smart_accepts_bf16, use_bf16)
+from minbert.experiments.runner import PaperRun, execute, run_row, train_entry_point
+from minbert.experiments.stats import mean_std, paired_difference
 
 __all__ = ["ARCHITECTURES", "BASELINE", "CARD_MFAC_ARGS", "CARD_SEEDS", "CARD_SETTINGS", "COMMON", "CPU_STEPS",
            "CardsRun", "DEFAULT_ARCHITECTURE", "PAIR_ENCODING", "PROFILES", "PaperRun", "REPORT_ARCHITECTURE",

@@ -1,3 +1,3 @@
-from .command import main
+from minbert.experiments.command import main
 
 raise SystemExit(main())

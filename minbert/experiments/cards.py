@@ -14,11 +14,11 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import atomic_write_text, finite_or_null, json_text
-from .profiles import Row
-from .runner import is_finished, run_row
-from .stats import mean_std, paired_difference
-from .tables import cards_markdown
+from minbert.experiments.profiles import Row
+from minbert.experiments.runner import is_finished, run_row
+from minbert.experiments.stats import mean_std, paired_difference
+from minbert.experiments.tables import cards_markdown
+from minbert.io import atomic_write_text, finite_or_null, json_text
 
 CARD_SEEDS = (1234, 1235, 1236, 1237, 1238)  # the SST-2 card's seed, then the next four
 # num_grads 1024 over all 22.7M parameters of the embedded encoder needs 93 GB as a dense window: stored top-1%

@@ -5,11 +5,11 @@ import argparse
 import os
 from pathlib import Path
 
-from ..io import comma_list
-from ..precision import BF16_MODES, DEFAULT_BF16
-from .cards import CARD_PROFILES, CARD_SEEDS, CARD_SETTINGS, CardsRun
-from .profiles import PROFILES, ROW_KEYS, ROWS
-from .runner import PaperRun, execute
+from minbert.experiments.cards import CARD_PROFILES, CARD_SEEDS, CARD_SETTINGS, CardsRun
+from minbert.experiments.profiles import PROFILES, ROW_KEYS, ROWS
+from minbert.experiments.runner import PaperRun, execute
+from minbert.io import comma_list
+from minbert.training.precision import BF16_MODES, DEFAULT_BF16
 
 
 def parser() -> argparse.ArgumentParser:
@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
 def parse_seeds(p: argparse.ArgumentParser, text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
-    from ..trainer_settings import SEED_RANGE
+    from minbert.training.trainer_settings import SEED_RANGE
 
     try:
         items = comma_list(text, "--seeds")  # the list rule of every flag: no empty or repeated item
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would write the tables and pick rows on its own
         p.error("run python -m minbert.experiments as one process, not under torchrun (the rows run one by one)")
     if args.experiment == "mtl":
-        from .mtl import mtl_main
+        from minbert.experiments.mtl import mtl_main
 
         return mtl_main(p, args, parse_seeds(p, args.seeds), check_collect_dir)
     try:

@@ -2,7 +2,7 @@
 
     python -m minbert.experiments mtl --profile cpu --seeds 1,2,3
 
-Each row is one ``--combiner`` (the report's four, then every torchjd method of :mod:`minbert.mtl_methods` whose
+Each row is one ``--combiner`` (the report's four, then every torchjd method of :mod:`minbert.methods.mtl_methods` whose
 solvers are installed); every other flag is the profile's Baseline row, so the rows share the learning rates,
 schedule, data order (the seed), checkpoint selection (best dev epoch) and loss convention (each task's mean loss
 over its batch) that Kurin et al. 2022 and Xin et al. 2022 ask a fair comparison to control. Every row trains
@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..io import atomic_write_text, finite_or_null, json_text
-from ..mtl_methods import METHODS, missing_solvers
-from .profiles import ARCHITECTURES, BASELINE, PROFILES, ROWS, STEP_CAPS, Row
-from .runner import PaperRun, overall_by_seed
-from .stats import format_difference, paired_difference
-from .tables import paper_markdown
+from minbert.experiments.profiles import ARCHITECTURES, BASELINE, PROFILES, ROWS, STEP_CAPS, Row
+from minbert.experiments.runner import PaperRun, overall_by_seed
+from minbert.experiments.stats import format_difference, paired_difference
+from minbert.experiments.tables import paper_markdown
+from minbert.io import atomic_write_text, finite_or_null, json_text
+from minbert.methods.mtl_methods import METHODS, missing_solvers
 
 MTL_ITERATIONS = 3  # x the profile's step cap (cpu: 120 steps), as the report's "3x Iterations" rows
 SUM = "sum"
@@ -105,7 +105,7 @@ def mtl_main(p, args, seeds: tuple[int, ...] | None, check_collect_dir) -> int:
     check): --rows is a subset of the combiners (default: all of them)."""
     from pathlib import Path
 
-    from .runner import execute
+    from minbert.experiments.runner import execute
 
     default_rows = p.get_default("rows")
     wanted = list(MTL_ROW_KEYS) if args.rows == default_rows else [k.strip() for k in args.rows.split(",") if k.strip()]

@@ -41,7 +41,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..precision import DEFAULT_BF16
+from minbert.training.precision import DEFAULT_BF16
 
 QUICK_STEPS = 45
 QUICK_EVAL = 400
@@ -132,7 +132,7 @@ def smart_accepts_bf16() -> bool:
 
     SMART's perturbation used to be below bfloat16's resolution, so the checks refused the pair; whether they
     still do is read from the checks themselves rather than assumed here."""
-    from ..cli import check_train_args, train_parser
+    from minbert.cli import check_train_args, train_parser
 
     parser = train_parser()
 
@@ -149,11 +149,11 @@ def smart_accepts_bf16() -> bool:
 
 
 def bf16_native(device: str = "auto") -> bool:
-    """Whether bfloat16 runs natively where the rows train (:func:`minbert.precision.native_bf16`): elsewhere (e.g.
+    """Whether bfloat16 runs natively where the rows train (:func:`minbert.training.precision.native_bf16`): elsewhere (e.g.
     an AVX2-only CPU) --bf16 makes training many times slower, not 2x faster (docs/results.md)."""
     import torch
 
-    from ..precision import native_bf16
+    from minbert.training.precision import native_bf16
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -195,7 +195,7 @@ def row_argv(row: Row, profile: str, data_dir: str, output_dir: Path, device: st
 def same_run_key(argv: list[str]) -> str:
     """A row's parsed arguments without its output folder: two rows with the same key train the same model
     (flag order does not matter)."""
-    from ..cli import train_parser
+    from minbert.cli import train_parser
 
     values = vars(train_parser().parse_args(argv))
     values.pop("output_dir")

@@ -1,7 +1,7 @@
 """Whether the runner may reuse what a run folder holds, checked for every run before anything is trained.
 
 A finished run is read back (and an interrupted one resumed) only if its recorded settings (its args.json) equal
-the settings its row would run with now (:func:`minbert.output_dir.setting_differences`): re-running a table into
+the settings its row would run with now (:func:`minbert.training.output_dir.setting_differences`): re-running a table into
 the same --output_dir with another --data_dir or --profile, or a run copied into another row's folder, is one
 line naming the run and the differing setting, never the old scores under the new settings. A finished run's
 results.json is read strictly (:func:`read_run_results`): damaged JSON or a score outside its range is one line,
@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..io import first_line, read_json_file
-from ..tasks import OVERALL, OVERALL_RANGE, TASKS
+from minbert.io import first_line, read_json_file
+from minbert.tasks.registry import OVERALL, OVERALL_RANGE, TASKS
 
 
 def score_ranges() -> dict[str, tuple[float, float]]:
@@ -59,7 +59,7 @@ def read_run_results(directory: Path) -> dict:
 
 def check_reusable(name: str, directory: Path, config) -> None:
     """The run in ``directory`` (finished, or with an args.json to resume) was made with ``config``'s settings."""
-    from ..output_dir import setting_differences
+    from minbert.training.output_dir import setting_differences
 
     args = Path(directory) / "args.json"
     if not args.exists():
@@ -83,8 +83,8 @@ def check_reusable(name: str, directory: Path, config) -> None:
 def row_config(name: str, argv: list[str]):
     """The validated RunConfig of a row's train_multitask.py arguments; a refusal is a RunnerError naming the
     row (in the runner's own words, not under train_multitask.py's usage)."""
-    from ..cli import train_parser
-    from ..run_config import ConfigError, RunConfig
+    from minbert.cli import train_parser
+    from minbert.training.run_config import ConfigError, RunConfig
 
     parser = train_parser()
 

@@ -14,15 +14,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import atomic_write_text, finite_or_null, json_text, first_line
-from ..metrics import overall_score
-from ..metrics_log import peak_rss_mb
-from ..precision import DEFAULT_BF16
-from ..tasks import LEADERBOARD_TASKS, OVERALL
-from .profiles import BASELINE, PROFILES, ROWS, STEP_CAPS, ARCHITECTURES, Row, row_argv, same_run_key
-from .reuse import RunnerError, check_reusable, preflight, read_run_results, row_config
-from .stats import mean_std, paired_difference
-from .tables import paper_markdown
+from minbert.experiments.profiles import BASELINE, PROFILES, ROWS, STEP_CAPS, ARCHITECTURES, Row, row_argv, same_run_key
+from minbert.experiments.reuse import RunnerError, check_reusable, preflight, read_run_results, row_config
+from minbert.experiments.stats import mean_std, paired_difference
+from minbert.experiments.tables import paper_markdown
+from minbert.io import atomic_write_text, finite_or_null, json_text, first_line
+from minbert.tasks.metrics import overall_score
+from minbert.tasks.registry import LEADERBOARD_TASKS, OVERALL
+from minbert.training.metrics_log import peak_rss_mb
+from minbert.training.precision import DEFAULT_BF16
 
 log = logging.getLogger("minbert")
 METRICS = (*LEADERBOARD_TASKS, OVERALL)
@@ -31,7 +31,7 @@ METRICS = (*LEADERBOARD_TASKS, OVERALL)
 def train_entry_point():
     """The function that trains one run from its checked RunConfig (or parsed train_multitask.py arguments); the
     one place it is imported."""
-    from ..run import run
+    from minbert.training.run import run
 
     return run
 
@@ -52,7 +52,7 @@ def is_finished(argv: list[str]) -> bool:
 
 def run_row(row: Row, argv: list[str], overwrite: bool) -> dict:
     """Train one run (or read its finished results); never raises for a failed run, records the error instead."""
-    from ..cli import check_train_args, train_parser
+    from minbert.cli import check_train_args, train_parser
 
     parser = train_parser()
     directory = run_directory(argv)
@@ -128,7 +128,7 @@ class PaperRun:
         return out
 
     def run(self) -> list[dict]:
-        from ..cli import train_parser
+        from minbert.cli import train_parser
 
         default_seed = train_parser().get_default("seed")
         self.output_dir.mkdir(parents=True, exist_ok=True)

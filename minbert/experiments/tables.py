@@ -1,8 +1,8 @@
 """Markdown tables of the experiments' results (the same text is printed and written to results.md)."""
 from __future__ import annotations
 
-from ..tasks import LEADERBOARD_TASKS, OVERALL, TASKS
-from .stats import format_difference, format_mean_std
+from minbert.experiments.stats import format_difference, format_mean_std
+from minbert.tasks.registry import LEADERBOARD_TASKS, OVERALL, TASKS
 
 SCORES = (*((t, TASKS[t].table_label) for t in LEADERBOARD_TASKS), (OVERALL, OVERALL))
 
