@@ -8,7 +8,7 @@ It is checked whole before anything is read or written: every mistake is one lin
 checkpoint's multitask.json as ``task_spec``, so that ``--resume``, ``--predict_only``, ``minbert.load``,
 minbert-predict and evaluate.py rebuild the tasks without the file.
 
-This module imports only minbert.tasks (which every module may read).
+This module imports only minbert.tasks (which every module may read) and minbert.io.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import math
 import re
 from pathlib import Path
 
+from .io import DataError, read_text_file
 from .tasks import METRIC_RANGES, OVERALL, TASKS, TaskSpec, register_user_tasks
 
 INPUTS = {"sentence": ("sentence",), "pair": ("sentence1", "sentence2")}  # input -> its default text columns
@@ -35,10 +36,10 @@ class TaskSpecError(ValueError):
 
 def read_task_spec(path: str | Path) -> dict:
     """The checked content of a task spec file (:func:`parse_task_spec`); TaskSpecError naming the file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise TaskSpecError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    try:  # a FIFO or a directory is refused without blocking, invalid UTF-8 named by line, a BOM dropped
+        text = read_text_file(path)
+    except DataError as e:
+        raise TaskSpecError(str(e)) from None
     try:
         content = json.loads(text)
     except json.JSONDecodeError as e:
@@ -217,8 +218,8 @@ def checkpoint_task_spec(directory: str | Path) -> dict | None:
 
 def _spec_in(path: Path) -> dict | None:
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        saved = json.loads(read_text_file(path))  # never blocks on a FIFO
+    except ValueError:  # DataError, or not JSON
         return None
     spec = saved.get("task_spec") if isinstance(saved, dict) else None
     return parse_task_spec(spec, f"{path}: task_spec") if spec is not None else None
