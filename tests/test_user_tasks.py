@@ -180,6 +180,14 @@ def test_predict_only_takes_the_tasks_from_the_checkpoint(user_data, tmp_path, o
         assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
         assert err == f"error: --task_spec {other}: disagrees with --checkpoint {run / 'best'}: {difference}\n"
         assert not out.exists()
+    # the checkpoint's tasks read their dev and test files from --data_dir: one missing is named with the key
+    (user_data / "stsbin-test.csv").unlink()
+    with pytest.raises(SystemExit) as e:
+        train_main(predict_argv(user_data, run, tmp_path / "refused"))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"error: {run / 'best' / 'multitask.json'}: task_spec: tasks[0].files.test: {user_data / 'stsbin-test.csv'}: "
+        "no such file\n")
+    assert not (tmp_path / "refused").exists()
 
 
 def _without(task: dict, key: str) -> dict:
