@@ -4,11 +4,13 @@ Every case is a setting a careless or hostile user could pass: a wrong type, nul
 range, an unknown key, an empty string, a huge number, flags that conflict. For each one the run must stop
 before training with a non-zero exit status, no traceback, one error line naming the flag (or the config file
 and key), and no output directory. The cases run through train_main in this process (fast); a few go through
-the real interpreter.
+the real interpreter. A hostile --task_spec file (missing, a FIFO, not JSON, each key of a task wrong) comes in by
+the flag and by a --config file, naming the spec file (or the config file's task_spec key) and the task's key.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -16,11 +18,14 @@ import sys
 import pytest
 
 from minbert.cli import train_main, train_parser
+from minbert.tasks import registry
+from minbert.tasks.user_tasks import KEYS
+from minbert.training.run_config import RunConfig
 
 from .conftest import ROOT
 
 SEED = 20261201
-N_FLAG_CASES, N_CONFIG_CASES = 90, 90
+N_FLAG_CASES, N_CONFIG_CASES, N_SPEC_CASES = 90, 90, 60
 
 INT_POSITIVE = ["max_train_samples", "max_eval_samples", "per_device_train_batch_size", "per_device_eval_batch_size",
                 "num_train_epochs", "max_steps_per_epoch", "logging_steps", "iterations_multiplier"]
@@ -139,6 +144,81 @@ def config_cases() -> list[tuple[str, dict, str]]:
     return cases
 
 
+# --task_spec FILE.json: a hostile spec file, reached through the flag, through a --config file that names it, and
+# as a --config file's own content (how args.json holds it). tests/test_user_tasks.py checks the exact messages.
+SPEC_PAIR = {"name": "mypair", "input": "pair", "kind": "classification", "num_labels": 2, "label_column": "is_duplicate",
+             "files": {"train": "quora-train.csv", "dev": "quora-dev.csv", "test": "quora-test-student.csv"}}
+SPEC_SCORE = {"name": "myscore", "input": "sentence", "kind": "regression", "score_range": [0, 4],
+              "label_column": "sentiment",
+              "files": {"train": "ids-sst-train.csv", "dev": "ids-sst-dev.csv", "test": "ids-sst-test-student.csv"}}
+MISSING, DIRECTORY, FIFO = "<missing>", "<directory>", "<fifo>"  # the path is no readable file
+# Values no task accepts for each key (classification: SPEC_PAIR, regression: SPEC_SCORE).
+BAD_SPEC_VALUES = {
+    "name": ["", "Sts", "sts", "sst", "sst2", "para", "overall", "a" * 41, "9lives", "my-task", "../x", "a b", 5, None,
+             ["x"], True],
+    "input": ["", "triple", "Pair", "sentences", None, 1, ["pair"]],
+    "kind": ["", "ranking", "Classification", "regress", None, 0, {"k": 1}],
+    "num_labels": [1, 0, -2, 2.5, "2", True, None, float("nan"), float("inf"), [2]],
+    "score_range": [[4, 0], [1, 1], [0], [0, 1, 2], "0-4", [0, float("inf")], [float("nan"), 1], [True, 2], None,
+                    ["0", "4"], {"low": 0, "high": 4}],
+    "metric": ["f1", "", None, 5, "pearson", "spearman"],
+    "files": [{}, None, "quora-dev.csv", ["quora-dev.csv"], {"train": "quora-train.csv", "dev": "quora-dev.csv"},
+              {**SPEC_PAIR["files"], "extra": "x.csv"}, {**SPEC_PAIR["files"], "dev": "nope.csv"},
+              {**SPEC_PAIR["files"], "test": "../quora-dev.csv"}, {**SPEC_PAIR["files"], "dev": "sub/x.csv"},
+              {**SPEC_PAIR["files"], "train": ""}, {**SPEC_PAIR["files"], "train": ".."}, {**SPEC_PAIR["files"], "dev": 5}],
+    "text_columns": [["sentence1"], ["a", "a"], "sentence1", [], ["a", 1], [" a", "b"], ["a\tb", "c"], None],
+    "label_column": ["id", "sentence1", "", 5, " x", None, ["label"], 'a"b'],
+}
+# Whole-file problems: (id, the file (bytes, a JSON value, or MISSING/DIRECTORY/FIFO)).
+SPEC_FILE_CASES = [
+    ("spec-missing", MISSING), ("spec-directory", DIRECTORY), ("spec-fifo", FIFO),
+    ("spec-empty", b""), ("spec-not-utf8", b'{"tasks": [{"name": "caf\xe9"}]}'), ("spec-not-json", b"{tasks: [}"),
+    ("spec-nan-bytes", b"NaN"), ("spec-list", [SPEC_PAIR]), ("spec-null", None), ("spec-number", 3),
+    ("spec-string", "tasks"), ("spec-no-tasks", {}), ("spec-extra-key", {"tasks": [SPEC_PAIR], "version": 2}),
+    ("spec-tasks-not-a-list", {"tasks": SPEC_PAIR}), ("spec-tasks-empty", {"tasks": []}),
+    ("spec-tasks-null", {"tasks": None}), ("spec-task-not-an-object", {"tasks": ["mypair"]}),
+    ("spec-duplicate-name", {"tasks": [SPEC_PAIR, {**SPEC_SCORE, "name": "mypair"}]}),
+]
+
+
+def spec_cases() -> list[tuple[str, object, str | None]]:
+    """(id, the spec file's content, the key the error line must name after the file; None: the file alone)."""
+    rng = random.Random(SEED + 2)
+    cases = [(name, content, None) for name, content in SPEC_FILE_CASES]
+    for i in range(N_SPEC_CASES):
+        key = rng.choice(list(BAD_SPEC_VALUES))
+        base = SPEC_SCORE if key == "score_range" else rng.choice([SPEC_PAIR, SPEC_SCORE]) if key in (
+            "name", "input", "kind", "files", "label_column") else SPEC_PAIR
+        task = {**base, key: rng.choice(BAD_SPEC_VALUES[key])}
+        others = [SPEC_SCORE if base is SPEC_PAIR else SPEC_PAIR] if rng.random() < 0.5 else []
+        position = rng.randrange(len(others) + 1)
+        tasks = others[:position] + [task] + others[position:]
+        cases.append((f"spec{i}-{key}", {"tasks": tasks}, f"tasks[{position}].{key}"))
+    for key in ("name", "input", "kind", "files"):  # a required key left out
+        cases.append((f"spec-without-{key}", {"tasks": [{k: v for k, v in SPEC_PAIR.items() if k != key}]}, key))
+    cases += [
+        ("spec-unknown-key", {"tasks": [{**SPEC_PAIR, "colour": "red"}]}, "colour"),
+        ("spec-num_labels-on-regression", {"tasks": [{**SPEC_SCORE, "num_labels": 2}]}, "num_labels"),
+        ("spec-score_range-on-classification", {"tasks": [{**SPEC_PAIR, "score_range": [0, 1]}]}, "score_range"),
+        ("spec-missing-data-file", {"tasks": [{**SPEC_PAIR, "files": {**SPEC_PAIR["files"], "test": "gone.csv"}}]},
+         "files.test"),
+    ]
+    return cases
+
+
+def write_spec(path, content) -> str:
+    """The spec file at ``path`` as the case has it; its path."""
+    if content == DIRECTORY:
+        path.mkdir()
+    elif content == FIFO:
+        os.mkfifo(path)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content != MISSING:
+        path.write_text(json.dumps(content), encoding="utf-8")  # NaN and Infinity as Python's json writes them
+    return str(path)
+
+
 def run_case(argv: list[str], capsys) -> tuple[int, str]:
     try:
         code = train_main(argv)
@@ -168,6 +248,11 @@ def base(small_data, tmp_path):
 def test_there_are_enough_cases():
     assert len(flag_cases()) + len(config_cases()) >= 100
     assert flag_cases() == flag_cases() and [c[0] for c in config_cases()] == [c[0] for c in config_cases()]
+    cases = spec_cases()
+    assert len(cases) >= 60 and [c[0] for c in cases] == [c[0] for c in spec_cases()]
+    assert len({c[0] for c in cases}) == len(cases)
+    mutated = {name.split("-", 1)[1] for name, _, _ in cases if name[4:5].isdigit()}
+    assert mutated == set(BAD_SPEC_VALUES) == set(KEYS)  # the seeded cases reach every key of a task
 
 
 def test_every_flag_kind_in_the_fuzzer_is_a_real_flag():
@@ -211,3 +296,60 @@ def test_real_interpreter(argv, name, tmp_path, small_data):
                        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert_one_line_naming(r.returncode, r.stderr, [name])
     assert not out.exists()
+
+
+@pytest.fixture
+def registry_restored():
+    """A spec that passes declares its tasks in minbert.tasks.registry.TASKS: each case leaves the registry as it was."""
+    saved = dict(registry.TASKS)
+    yield
+    registry.TASKS.clear()
+    registry.TASKS.update(saved)
+
+
+def test_the_spec_cases_start_from_valid_tasks(base, tmp_path, registry_restored):
+    """Each hostile spec is one change away from these tasks, which a run accepts (a leading BOM included), so a
+    refusal below is the change's."""
+    settings, out = base
+    path = tmp_path / "my_tasks.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"tasks": [SPEC_PAIR, SPEC_SCORE]}).encode())
+    argv = [x for k, v in settings.items() for x in (f"--{k}", str(v))] + ["--task_spec", str(path)]
+    config = RunConfig.from_namespace(train_parser().parse_args(argv)).validate()
+    assert [t["name"] for t in config.task_spec["tasks"]] == ["mypair", "myscore"] and not out.exists()
+
+
+def assert_spec_refused(code: int, err: str, source: str, key: str | None, out) -> None:
+    """Exit status 2, one line ``error: SOURCE...`` naming ``key`` after the source, no traceback, no output dir."""
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert err.count("\n") == 1 and err.startswith(f"error: {source}"), err
+    assert key is None or key in err[len(f"error: {source}"):], (key, err)
+    assert not out.exists()
+    assert not {"mypair", "myscore"} & set(registry.TASKS)  # a refused spec declares nothing
+
+
+@pytest.mark.parametrize("case", spec_cases(), ids=lambda c: c[0])
+def test_hostile_task_spec_flag(case, base, capsys, tmp_path, registry_restored):
+    _, content, key = case
+    settings, out = base
+    path = write_spec(tmp_path / "my_tasks.json", content)
+    argv = [x for k, v in settings.items() for x in (f"--{k}", str(v))] + ["--task_spec", path]
+    code, err = run_case(argv, capsys)
+    assert_spec_refused(code, err, path, key, out)
+
+
+@pytest.mark.parametrize("case", spec_cases(), ids=lambda c: c[0])
+def test_hostile_task_spec_in_a_config_file(case, base, capsys, tmp_path, registry_restored):
+    """A --config file that names the spec file (the error names the spec file), and one that holds the spec's
+    content as args.json does (the error names the config file and its task_spec key)."""
+    _, content, key = case
+    settings, out = base
+    spec = write_spec(tmp_path / "my_tasks.json", content)
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({**settings, "task_spec": spec}))
+    code, err = run_case(["--config", str(config)], capsys)
+    assert_spec_refused(code, err, spec, key, out)
+    if content in (None, MISSING, DIRECTORY, FIFO) or isinstance(content, (bytes, str)):
+        return  # null is no spec, a string a path: only a JSON object or array stands for the content itself
+    config.write_text(json.dumps({**settings, "task_spec": content}))
+    code, err = run_case(["--config", str(config)], capsys)
+    assert_spec_refused(code, err, f"{config}: task_spec", key, out)

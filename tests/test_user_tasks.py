@@ -141,6 +141,55 @@ def test_resume_rebuilds_the_tasks_without_the_file(user_data, tmp_path):
         assert (tmp_path / "run" / "predictions" / name).read_bytes() == (tmp_path / "ref" / "predictions" / name).read_bytes()
 
 
+def predict_argv(data, checkpoint, out, *extra) -> list[str]:
+    return ["--predict_only", "--checkpoint", str(checkpoint), "--data_dir", str(data), "--output_dir", str(out),
+            "--tasks", "sts", "--max_eval_samples", "16", "--max_seq_length", "32", "--device", "cpu",
+            "--bf16", "off", *extra]
+
+
+def test_predict_only_takes_the_tasks_from_the_checkpoint(user_data, tmp_path, one_thread, capsys):
+    """--predict_only --checkpoint RUN predicts the run's tasks of the user's own without the spec file (they come
+    from the checkpoint's multitask.json); a --task_spec that declares other tasks is one line, nothing written."""
+    spec = write_spec(tmp_path / "my_tasks.json", STSBIN)
+    run = tmp_path / "run"
+    assert train_main(train_argv(user_data, run, spec, "--tasks", "sts")) == 0
+    (tmp_path / "my_tasks.json").unlink()
+    registry.TASKS.pop("stsbin")
+    for checkpoint, out in ((run, tmp_path / "predict"), (run / "best", tmp_path / "predict_best")):
+        assert train_main(predict_argv(user_data, checkpoint, out)) == 0
+        names = sorted(p.name for p in (out / "predictions").iterdir())
+        assert names == ["sts-dev-output.csv", "sts-test-output.csv", "stsbin-dev-output.csv",
+                         "stsbin-test-output.csv"]
+        for name in ("stsbin-dev-output.csv", "stsbin-test-output.csv"):
+            assert (out / "predictions" / name).read_bytes() == (run / "predictions" / name).read_bytes()
+        # its args.json keeps the spec, so evaluate.py scores the user's task with nothing else
+        assert json.loads((out / "args.json").read_text())["task_spec"] == parse_task_spec({"tasks": [STSBIN]})
+        assert "stsbin" in scores_of(["--predictions", str(out / "predictions"), "--data_dir", str(user_data),
+                                      "--json", "--allow_partial"])["dev"]
+    # a --task_spec that agrees with the checkpoint's (its defaults spelled out or not) is accepted
+    agreeing = write_spec(tmp_path / "same.json", {**STSBIN, "label_column": "label"})
+    assert train_main(predict_argv(user_data, run, tmp_path / "agreeing", "--task_spec", agreeing)) == 0
+    capsys.readouterr()
+    for task, difference in (({**STSBIN, "num_labels": 3}, "tasks[0].num_labels is 3 here, 2 in the checkpoint"),
+                             ({**STSBIN, "name": "stsbin2"}, "tasks stsbin2 here, stsbin in the checkpoint")):
+        other = write_spec(tmp_path / "other.json", task)
+        out = tmp_path / "refused"
+        with pytest.raises(SystemExit) as e:
+            train_main(predict_argv(user_data, run, out, "--task_spec", other))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert err == f"error: --task_spec {other}: disagrees with --checkpoint {run / 'best'}: {difference}\n"
+        assert not out.exists()
+    # the checkpoint's tasks read their dev and test files from --data_dir: one missing is named with the key
+    (user_data / "stsbin-test.csv").unlink()
+    with pytest.raises(SystemExit) as e:
+        train_main(predict_argv(user_data, run, tmp_path / "refused"))
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"error: {run / 'best' / 'multitask.json'}: task_spec: tasks[0].files.test: {user_data / 'stsbin-test.csv'}: "
+        "no such file\n")
+    assert not (tmp_path / "refused").exists()
+
+
 def _without(task: dict, key: str) -> dict:
     return {k: v for k, v in task.items() if k != key}
 

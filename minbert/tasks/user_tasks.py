@@ -5,10 +5,10 @@ The file is one JSON object, ``{"tasks": [TASK, ...]}``; a TASK is an object wit
 It is checked whole before anything is read or written: every mistake is one line naming the file and the key
 (``my_tasks.json: tasks[1].num_labels: must be an integer >= 2``). What a run keeps is the checked *content*
 (:func:`parse_task_spec`, every default filled in), never the path: args.json holds it as ``task_spec`` and each
-checkpoint's multitask.json as ``task_specs``, so that ``--resume``, ``minbert.load``, minbert-predict and
-evaluate.py rebuild the tasks without the file.
+checkpoint's multitask.json as ``task_spec``, so that ``--resume``, ``--predict_only``, ``minbert.load``,
+minbert-predict and evaluate.py rebuild the tasks without the file.
 
-This module imports only minbert.tasks.registry (which every module may read).
+This module imports only minbert.tasks.registry (which every module may read) and minbert.io.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import math
 import re
 from pathlib import Path
 
+from minbert.io import DataError, read_text_file
 from minbert.tasks.registry import METRIC_RANGES, OVERALL, TASKS, TaskSpec, register_user_tasks
 
 INPUTS = {"sentence": ("sentence",), "pair": ("sentence1", "sentence2")}  # input -> its default text columns
@@ -35,10 +36,10 @@ class TaskSpecError(ValueError):
 
 def read_task_spec(path: str | Path) -> dict:
     """The checked content of a task spec file (:func:`parse_task_spec`); TaskSpecError naming the file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise TaskSpecError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    try:  # a FIFO or a directory is refused without blocking, invalid UTF-8 named by line, a BOM dropped
+        text = read_text_file(path)
+    except DataError as e:
+        raise TaskSpecError(str(e)) from None
     try:
         content = json.loads(text)
     except json.JSONDecodeError as e:
@@ -205,10 +206,36 @@ def checked_task_spec(spec, where: str, data_dir: str | Path, predict_only: bool
 
 def stored_task_spec(run_dir: str | Path) -> dict | None:
     """The task spec a training run stored in its args.json (``run_dir``: the run folder), or None."""
-    path = Path(run_dir) / "args.json"
+    return _spec_in(Path(run_dir) / "args.json")
+
+
+def checkpoint_task_spec(directory: str | Path) -> dict | None:
+    """The task spec a checkpoint stored in its multitask.json (``directory``: the checkpoint, as
+    multitask.resolve_checkpoint names it): the tasks of the user's own it has heads for, or None. A file that
+    cannot be read is left to MultitaskBert.load, which names it when it reads the checkpoint."""
+    return _spec_in(Path(directory) / "multitask.json")
+
+
+def _spec_in(path: Path) -> dict | None:
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        saved = json.loads(read_text_file(path))  # never blocks on a FIFO
+    except ValueError:  # DataError, or not JSON
         return None
     spec = saved.get("task_spec") if isinstance(saved, dict) else None
     return parse_task_spec(spec, f"{path}: task_spec") if spec is not None else None
+
+
+def spec_difference(given: dict | None, stored: dict | None) -> str | None:
+    """What differs between two checked specs, ``given`` (the command line's) and ``stored`` (a checkpoint's), in
+    words (``tasks[0].num_labels is 3 here, 2 in the checkpoint``); None if they declare the same tasks (in any
+    order)."""
+    mine = {t["name"]: t for t in (given or {}).get("tasks", [])}
+    theirs = {t["name"]: t for t in (stored or {}).get("tasks", [])}
+    if set(mine) != set(theirs):
+        return f"tasks {', '.join(mine) or '(none)'} here, {', '.join(theirs) or '(none)'} in the checkpoint"
+    for i, (name, task) in enumerate(mine.items()):
+        for key in KEYS:
+            if task.get(key) != theirs[name].get(key):
+                return (f"tasks[{i}].{key} is {_show(task.get(key))} here, {_show(theirs[name].get(key))} in the "
+                        "checkpoint")
+    return None

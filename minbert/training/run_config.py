@@ -31,7 +31,8 @@ from minbert.model.multitask import ModelSettings, PairEncoding, resolve_checkpo
 from minbert.model.tokenizer import seq_length_problem
 from minbert.tasks.data import TASKS
 from minbert.tasks.data_settings import DataSettings
-from minbert.tasks.user_tasks import TaskSpecError, checked_task_spec
+from minbert.tasks.user_tasks import (SPLIT_NAMES, TaskSpecError, check_data_files, checked_task_spec,
+                                      checkpoint_task_spec, spec_difference)
 from minbert.training.legacy_settings import current_settings
 from minbert.training.output_dir import OutputSettings
 from minbert.training.settings import first_problem, from_flat, group, owner_of, setting, setting_names, to_flat
@@ -196,10 +197,27 @@ class RunConfig:
         if out == data or out in data.parents:
             self.fail("output_dir", f"holds the data ({self.data_dir}); name a folder of its own for the run",
                       self.output_dir)
+        given = self.task_spec
         try:  # --task_spec (files in --data_dir): a mistake names the spec file, or args.json's key, first
-            self.task_spec = checked_task_spec(self.task_spec, self.where("task_spec"), self.data_dir, self.predict_only)
+            self.task_spec = checked_task_spec(given, self.where("task_spec"), self.data_dir, self.predict_only)
+            if self.predict_only:
+                self._take_checkpoint_tasks(given)
         except TaskSpecError as e:
             raise ConfigError(str(e), from_file=True) from None
+
+    def _take_checkpoint_tasks(self, given) -> None:
+        # --predict_only predicts the tasks of the user's own that the checkpoint has heads for: its multitask.json
+        # holds their spec, so no --task_spec is needed; one that is given must declare the same tasks.
+        stored = checkpoint_task_spec(self.checkpoint)
+        if self.task_spec is not None:
+            difference = spec_difference(self.task_spec, stored)
+            if difference:
+                shown = self.where("task_spec", given if isinstance(given, str) else None)
+                raise ConfigError(f"{shown}: disagrees with --checkpoint {self.checkpoint}: {difference}", True)
+        if stored is not None:
+            check_data_files(stored, self.data_dir, f"{Path(self.checkpoint) / 'multitask.json'}: task_spec",
+                             SPLIT_NAMES[1:])
+        self.task_spec = stored
 
     def model_config(self) -> BertConfig:
         """The encoder's architecture: the preset's, or the config.json of the model or --predict_only checkpoint."""

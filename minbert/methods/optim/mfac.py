@@ -31,18 +31,19 @@ O(m*d + m^3) time like the paper's sliding-window update, and the two window
 reads that are the memory floor of any exact method. The same code runs on
 CPU and CUDA.
 
-Code layout: the optimizer here; the window storages in mfac_window.py, the
-memory preflight in mfac_memory.py, the sharding over ranks in mfac_shards.py.
+Code layout: the optimizer here; what a checkpoint holds of it (state_dict and
+load_state_dict) in mfac_checkpoint.py, the window storages in mfac_window.py,
+the memory preflight in mfac_memory.py, the sharding over ranks in mfac_shards.py.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch.optim import Optimizer
 
-from minbert.methods.optim import mfac_shards
+from minbert.methods.optim.mfac_checkpoint import MFACCheckpoint
 from minbert.methods.optim.mfac_memory import MFACMemoryError, check_window_fits, free_memory_bytes
 from minbert.methods.optim.mfac_shards import ShardLayout
 from minbert.methods.optim.mfac_window import make_window, parse_window_dtype, resolve_sparsity_k
@@ -50,7 +51,7 @@ from minbert.methods.optim.mfac_window import make_window, parse_window_dtype, r
 __all__ = ["MFAC", "MFACMemoryError", "free_memory_bytes"]
 
 
-class MFAC(Optimizer):
+class MFAC(MFACCheckpoint, Optimizer):
     r"""Dense M-FAC (Frantar et al., 2021) with an optional compressed window.
 
     Keeps the last ``num_grads`` flattened gradients of *all* parameters (the
@@ -299,8 +300,7 @@ class MFAC(Optimizer):
         Sharded, every rank applies the whole (gathered) update: identical inputs
         give identical parameters, and momentum stays as in one process."""
         if self._momentum_buffer is None and any(g["momentum"] > 0 for g in self.param_groups):
-            self._momentum_buffer = torch.zeros_like(self._u)
-            self._momentum_views = self._views(self._momentum_buffer)
+            self._new_momentum_buffer()
         start = 0
         for group in self.param_groups:
             params = group["params"]
@@ -316,101 +316,7 @@ class MFAC(Optimizer):
                 torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(params, updates, alpha=-group["lr"])
 
-    # ------------------------------------------------------------ checkpoints
-    #
-    # The "mfac" entry holds the window, the Gram matrix, the error accumulator,
-    # momentum, ring position and step. It lives outside self.state because
-    # torch's loader would cast the float64 Gram matrix and a bf16 window to the
-    # parameter dtype. Sharded layouts and their consolidation: mfac_shards.py.
-
-    def _mfac_state(self) -> dict:
-        state = {
-            "num_grads": self.num_grads,
-            "dim": self.dim,
-            "sparsity_k": self.sparsity_k,
-            "pos": self._pos,
-            "step": self._step,
-            "gram": self._gram,
-            "momentum_buffer": self._momentum_buffer,
-            **self._storage.state(),
-        }
-        if self.sparsity_k is not None:
-            state["shard_ks"] = self._shard_ks
-        if self.sharded:
-            state["shard"] = self._shards.record(self._shards.rank)
-        return state
-
-    def state_dict(self) -> dict:
-        """torch.optim state dict plus an ``"mfac"`` entry with the window, the
-        Gram matrix, the error accumulator, momentum, ring position and step.
-
-        Sharded: only on rank ``to`` after ``consolidate_state_dict(to)`` (and no
-        step since); the entry then holds the whole window on CPU.
-        """
-        state_dict = super().state_dict()
-        if not self.sharded:
-            state_dict["mfac"] = self._mfac_state()
-        elif self._consolidated is not None:
-            state_dict["mfac"] = self._consolidated
-        else:
-            raise RuntimeError(
-                f"MFAC's window is sharded over {self._shards.world} ranks: call consolidate_state_dict(to=...) "
-                "on every rank and then state_dict() on that rank, or save shard_state_dict() on every rank"
-            )
-        return state_dict
-
-    def shard_state_dict(self) -> dict:
-        """This rank's checkpoint without communication: the "mfac" entry holds this
-        rank's columns of the window (references) and a "shard" record. Equal to
-        ``state_dict()`` when the window is not sharded."""
-        state_dict = super().state_dict()
-        state_dict["mfac"] = self._mfac_state()
-        return state_dict
-
-    @torch.no_grad()
-    def consolidate_state_dict(self, to: int = 0) -> None:
-        """Collective (call on every rank): gather all shards of the window, on CPU,
-        on rank ``to`` (a rank of the process group), whose ``state_dict()`` then
-        returns a world-size independent checkpoint. Rank ``to`` needs host memory
-        for the whole window. Nothing to do when the window is not sharded."""
-        if self.sharded:
-            self._consolidated = mfac_shards.consolidate(self._mfac_state(), self._shards, to, self._shard_ks)
-
-    @staticmethod
-    def merge_shard_state_dicts(shards: Iterable[dict]) -> dict:
-        """One full (world-size independent) state dict, on CPU, from the
-        ``shard_state_dict()`` of every rank (any order). Top-k windows keep their
-        per-shard layout (``shard_ks``) with global indices."""
-        return mfac_shards.merge_shard_state_dicts(shards)
-
-    def load_state_dict(self, state_dict: dict):
-        """Load a full state dict (any world size; each rank takes its columns) or
-        this rank's own ``shard_state_dict()``."""
-        state_dict = dict(state_dict)
-        saved = state_dict.pop("mfac", None)
-        if saved is None:
-            raise ValueError("not an MFAC state dict: missing the 'mfac' entry")
-        for key in ("num_grads", "dim", "sparsity_k"):
-            if saved[key] != getattr(self, key):
-                raise ValueError(
-                    f"MFAC state dict has {key}={saved[key]} but this optimizer has {key}={getattr(self, key)}"
-                )
-        mfac_shards.check_loadable(saved, self._shards, self._shard_ks)
-        super().load_state_dict(state_dict)
-        if any("dampening" not in g for g in self.param_groups):  # written before 2026-12: that run's own form
-            self.decoupled_weight_decay = True
-            for g in self.param_groups:
-                g.setdefault("dampening", 0.0)
-        # Copy in place: keeps the preallocated (device, dtype) buffers and their views.
-        self._gram.copy_(saved["gram"])
-        self._storage.load_state(mfac_shards.local_columns(saved, self._shards, self._shard_ks))
-        if saved["momentum_buffer"] is not None:
-            if self._momentum_buffer is None:
-                self._momentum_buffer = torch.zeros_like(self._u)
-                self._momentum_views = self._views(self._momentum_buffer)
-            self._momentum_buffer.copy_(saved["momentum_buffer"])
-        else:
-            self._momentum_buffer = None
-        self._pos = int(saved["pos"])
-        self._step = int(saved["step"])
-        self._consolidated = None
+    def _new_momentum_buffer(self) -> None:
+        """Zero momentum (and its per-parameter views), allocated at the first step that uses it."""
+        self._momentum_buffer = torch.zeros_like(self._u)
+        self._momentum_views = self._views(self._momentum_buffer)
