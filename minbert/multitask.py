@@ -22,7 +22,7 @@ from .io import DataError, atomic_save, atomic_write_text, json_text, load_safet
 from .model import BertModel
 from .pooling import POOLING_MODES, pool
 from .settings import flag_reader, setting
-from .user_tasks import declare, parse_task_spec, run_tasks
+from .user_tasks import declare, parse_task_spec
 
 
 @dataclass
@@ -237,11 +237,10 @@ def parse_pair_encoding(text: str) -> dict[str, str]:
     return out
 
 
-def pair_encoding_of(args) -> dict[str, str]:
-    """MultitaskConfig.pair_encoding from the training flags: the encoding of each pair task trained."""
-    value = getattr(args, "pair_encoding", None) or "bi"
+def pair_encoding_of(settings: "ModelSettings", trained: list[str]) -> dict[str, str]:
+    """MultitaskConfig.pair_encoding from the model's flags: the encoding of each pair task of ``trained``."""
+    value = settings.pair_encoding or "bi"
     parsed = value.by_task if isinstance(value, PairEncoding) else parse_pair_encoding(value)
-    trained = run_tasks(args)
     out = {t: e for t, e in parsed.items() if t in trained}
     # A user's pair task follows the one-word form (bi, cross); TASK=.. names built-ins (the flag is read before
     # the --task_spec tasks are declared).

@@ -54,13 +54,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_datasets(config, tokenizer, splits: tuple[str, ...]) -> dict[tuple[str, str], TaskData]:
-    """Read every needed file before anything is written, so bad input leaves no output behind."""
-    out = {}
-    for task in run_tasks(config):
+def load_datasets(config: RunConfig, tokenizer, splits: tuple[str, ...]) -> dict[tuple[str, str], TaskData]:
+    """Read every needed file before anything is written, so bad input leaves no output behind (``config``: the
+    run's; its data group says which files and how many rows)."""
+    data, out = config.data, {}
+    for task in run_tasks(data):
         for split in splits:
-            limit = config.max_train_samples if split == "train" else config.max_eval_samples
-            out[(task, split)] = load_task(task, split, config.data_dir, config.skip_bad_rows, limit)
+            limit = data.max_train_samples if split == "train" else data.max_eval_samples
+            out[(task, split)] = load_task(task, split, data.data_dir, data.skip_bad_rows, limit)
     for d in out.values():
         if d.skipped:
             log.warning("%s: skipped %d malformed rows: %s", d.path, len(d.skipped), "; ".join(d.skipped))
@@ -70,11 +71,12 @@ def load_datasets(config, tokenizer, splits: tuple[str, ...]) -> dict[tuple[str,
     return out
 
 
-def build_model(config) -> MultitaskBert:
-    encoder = BertModel.from_pretrained(config.model_name_or_path)
-    mt_config = MultitaskConfig(tasks=run_tasks(config), pooling=config.pooling, sts_head=config.sts_head,
-                                para_head=config.para_head, pair_encoding=pair_encoding_of(config),
-                                task_spec=getattr(config, "task_spec", None))
+def build_model(config: RunConfig) -> MultitaskBert:
+    """The run's model, before training: the encoder and heads of its model group, for the tasks of its data group."""
+    model, tasks = config.model, run_tasks(config.data)
+    encoder = BertModel.from_pretrained(model.model_name_or_path)
+    mt_config = MultitaskConfig(tasks=tasks, pooling=model.pooling, sts_head=model.sts_head, para_head=model.para_head,
+                                pair_encoding=pair_encoding_of(model, tasks), task_spec=config.data.task_spec)
     return MultitaskBert(encoder, mt_config)
 
 
@@ -119,17 +121,10 @@ def write_all_predictions(model, tensors: dict[tuple[str, str], TaskTensors], ou
     return scores
 
 
-def as_run_config(config) -> RunConfig:
-    """A validated RunConfig from a RunConfig or the parser's namespace (minbert.experiments passes one)."""
-    if not isinstance(config, RunConfig):
-        config = RunConfig.from_namespace(config)
-    return config.validate()
-
-
-def run(config) -> dict[str, float]:
+def run(config: RunConfig) -> dict[str, float]:
     """The main job: train (unless --predict_only), write checkpoints, predictions and scores; returns the dev
-    scores (of the best epoch)."""
-    config = as_run_config(config)
+    scores (of the best epoch). ``config`` is checked again here (RunConfig.validate) for callers from Python."""
+    config = config.validate()
     declare(config.task_spec)  # tasks of the user's own join the registry (for this process) before any check
     if config.report_to == "tensorboard":
         MetricsLog.tensorboard_writer_class()  # a missing package fails before any data is read
@@ -155,7 +150,7 @@ def _run(config: RunConfig, device: torch.device) -> dict[str, float]:
     data = load_datasets(config, tokenizer, splits)
     if config.predict_only:
         model = MultitaskBert.load(config.checkpoint)
-        missing = [t for t in run_tasks(config) if t not in model.heads]
+        missing = [t for t in run_tasks(config.data) if t not in model.heads]
         if missing:
             raise ValueError(f"--checkpoint {config.checkpoint} has no head for task(s) {', '.join(missing)}")
     else:
@@ -170,8 +165,8 @@ def _run(config: RunConfig, device: torch.device) -> dict[str, float]:
     tensors = {key: tensorize(d, tokenizer, model.config.encoding(key[0])) for key, d in data.items()}
     trainer = None
     if not config.predict_only:  # built before the output dir exists: an optimizer that cannot fit leaves nothing behind
-        train = {t: tensors[(t, "train")] for t in run_tasks(config)}
-        dev = {t: tensors[(t, "dev")] for t in run_tasks(config)}
+        train = {t: tensors[(t, "train")] for t in run_tasks(config.data)}
+        dev = {t: tensors[(t, "dev")] for t in run_tasks(config.data)}
         trainer = Trainer(config, model, train, dev, device, tokenizer, Path(config.output_dir), metrics=None)
     out = distributed.on_main(prepare_output_dir, config)
     if resume_from is None and distributed.is_main():  # a resumed run keeps the args.json it was checked against
@@ -194,7 +189,7 @@ def _train_and_predict(config, model, trainer, tensors, out, resume_from, device
                 metrics.write(resumed_from_step=trainer.global_step, epoch=trainer.global_step // trainer.steps_per_epoch)
                 log.info("resuming from %s: step %d of %d", resume_from, trainer.global_step, trainer.total_steps)
             log.info("training %s on %s: %d steps/epoch x %d epochs, combiner %s, optimizer %s, bf16 %s",
-                     config.model_name_or_path, ",".join(run_tasks(config)), trainer.steps_per_epoch,
+                     config.model_name_or_path, ",".join(run_tasks(config.data)), trainer.steps_per_epoch,
                      config.num_train_epochs, config.combiner, config.optim, config.bf16)
             trainer.train()
         pred_dir = out / "predictions"
