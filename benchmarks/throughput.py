@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = {"a_train": a_train, "b_train": b_train, "c_train": c_train, "a_infer": a_infer, "b_infer": b_infer,
             "ax_train": ax_train, "bx_train": bx_train, "ax_infer": ax_infer, "bx_infer": bx_infer}
     if args.levers:
-        runs.update(lever_runs(args, config, ours, hf, trainer, train, chosen, evals, a_train, a_infer, b_train, b_infer, device, pad_id, amp))
+        runs.update(lever_runs(args, config, ours, hf, trainer, train, chosen, evals, a_train, a_infer, b_train, b_infer,
+                               device, pad_id, amp))
     times: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     clock = time.process_time if args.timer == "cpu" else time.perf_counter

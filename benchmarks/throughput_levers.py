@@ -26,8 +26,8 @@ LEVERS = {
 }
 
 
-def lever_runs(args, config, ours, hf, trainer, train, chosen, evals, a_train, a_infer, b_train, b_infer, device, pad_id,
-               amp):
+def lever_runs(args, config, ours, hf, trainer, train, chosen, evals, a_train, a_infer, b_train, b_infer, device,
+               pad_id, amp):
     """(a) with one lever taken away at a time, on the same examples; and (b) with eager attention (``config``: the
     RunConfig that (a)'s Trainer was built from)."""
 

@@ -77,7 +77,8 @@ class Trainer(ResumableState):
     save_best, restore) are declared in minbert/trainer_state.py."""
 
     def __init__(self, config: RunConfig, model: MultitaskBert, train: dict[str, TaskTensors],
-                 dev: dict[str, TaskTensors], device: torch.device, tokenizer, out_dir: Path, metrics: MetricsLog | None):
+                 dev: dict[str, TaskTensors], device: torch.device, tokenizer, out_dir: Path,
+                 metrics: MetricsLog | None):
         """``config``: the run's RunConfig; each part of the loop reads its own group of it: the loop the training
         group, the optimizer its group, the combiner and SMART theirs. The Trainer keeps none of it whole."""
         self.training, self.save_steps = config.training, config.output.save_steps

@@ -166,7 +166,8 @@ def test_pair_encoding_flag_is_stored_canonically_and_builds_the_heads():
     assert type(model.heads["qqp"]).__name__ == "CrossParaphraseHead"
     assert model.heads["qqp"].classifier.in_features == model.encoder.config.hidden_size
     assert type(model.heads["sts"]).__name__ == "CosineRegressionHead"  # the --sts_head default, bi
-    sst_only = build_model(run_config("--model_name_or_path", "bert-tiny", "--tasks", "sst", "--pair_encoding", "cross"))
+    sst_only = build_model(run_config("--model_name_or_path", "bert-tiny", "--tasks", "sst",
+                                      "--pair_encoding", "cross"))
     assert sst_only.config.pair_encoding == {}
 
 
