@@ -36,19 +36,20 @@ def one(name: str, steps: int, samples: int, data_dir: str, bf16: str) -> dict:
     from minbert.experiments.mtl import MTL_ARGS
     from minbert.model.tokenizer import load_tokenizer
     from minbert.training.run import build_model, load_datasets
+    from minbert.training.run_config import RunConfig
     from minbert.training.trainer import Trainer
 
     torch.set_num_threads(1)
     extra = ["--combiner_args", json.dumps(MTL_ARGS[name])] if name in MTL_ARGS else []
-    args = train_parser().parse_args(CPU_FLAGS + ["--combiner", name, *extra, "--bf16", bf16, "--data_dir", data_dir,
-                                                  "--max_train_samples", str(samples),
-                                                  "--output_dir", "/tmp/mtl_cost/out"])
-    tok = load_tokenizer(args.model_name_or_path)
-    tensors = {k: tensorize(d, tok) for k, d in load_datasets(args, tok, ("train",)).items()}
-    train = {t: tensors[(t, "train")] for t in args.tasks}
+    config = RunConfig.from_namespace(train_parser().parse_args(
+        CPU_FLAGS + ["--combiner", name, *extra, "--bf16", bf16, "--data_dir", data_dir, "--max_train_samples",
+                     str(samples), "--output_dir", "/tmp/mtl_cost/out"]))
+    tok = load_tokenizer(config.model.model_name_or_path)
+    tensors = {k: tensorize(d, tok) for k, d in load_datasets(config, tok, ("train",)).items()}
+    train = {t: tensors[(t, "train")] for t in config.data.tasks}
     torch.manual_seed(0)
-    model = build_model(args)
-    trainer = Trainer(args, model, train, {}, torch.device("cpu"), tok, None, None)
+    model = build_model(config)
+    trainer = Trainer(config, model, train, {}, torch.device("cpu"), tok, None, None)
     model.train()
     seconds = []
     for step in range(1 + steps):

@@ -36,14 +36,16 @@ from minbert.methods.smart import SMART_PROJECTIONS, adversarial_perturbation, d
 from minbert.model.tokenizer import load_tokenizer, pad_token_id  # noqa: E402
 from minbert.tasks.data import load_task, tensorize  # noqa: E402
 from minbert.training.run import build_model  # noqa: E402
+from minbert.training.run_config import RunConfig  # noqa: E402
 
 
 def load(model_name: str, data_dir: str, tasks: list[str], examples: int, seed: int = 0):
     """(model in eval mode, {task: batch of the first ``examples`` training rows})."""
-    args = train_parser().parse_args(["--model_name_or_path", model_name, "--tasks", ",".join(tasks)])
+    config = RunConfig.from_namespace(train_parser().parse_args(["--model_name_or_path", model_name, "--tasks",
+                                                                 ",".join(tasks)]))
     torch.manual_seed(seed)  # the heads are freshly initialized
-    model = build_model(args).eval()
-    tok = load_tokenizer(model_name, args.max_seq_length)
+    model = build_model(config).eval()
+    tok = load_tokenizer(model_name, config.data.max_seq_length)
     batches = {}
     for task in tasks:
         data = tensorize(load_task(task, "train", data_dir, skip_bad_rows=True, max_samples=examples), tok)

@@ -61,6 +61,7 @@ from minbert.model.tokenizer import load_tokenizer, pad_token_id  # noqa: E402
 from minbert.tasks.data import load_task, tensorize  # noqa: E402
 from minbert.tasks.predict import predict_task  # noqa: E402
 from minbert.training.run import build_model, compile_encoder  # noqa: E402
+from minbert.training.run_config import RunConfig  # noqa: E402
 from minbert.training.trainer import Trainer  # noqa: E402
 from throughput_batches import (GLUE_LENGTH, TASKS, FixedStream, eval_subset, glue_inputs,  # noqa: E402
                                 padding_table, shuffled_examples, training_batches, width)
@@ -148,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
              "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size",
              str(args.eval_batch_size), "--seed", str(args.seed), "--device", args.device]
     flags += ["--bf16", "on" if args.bf16 else "off"] + ["--torch_compile"] * args.torch_compile  # like (b) and (c)
-    targs = train_parser().parse_args(flags)
-    ours = build_model(targs)
+    config = RunConfig.from_namespace(train_parser().parse_args(flags))
+    ours = build_model(config)
     ours.to(device)
     # (b) and (c) start from the same weights (the heads of (b) too), before (a) takes any step.
     hf = HFMultitask(hf_encoder(transformers, ours.encoder), copy.deepcopy(ours.heads), ours.config.pooling).to(device)
@@ -160,13 +161,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{check:.2e} > {CHECK_TOLERANCE:g}", file=sys.stderr)
         return 1
     # (a') and (b'): QQP read as one sequence; the pairs tokenized jointly, the same weights on both sides.
-    cross_args = train_parser().parse_args(flags + ["--tasks", CROSS_TASK, "--pair_encoding", "cross"])
+    cross_config = RunConfig.from_namespace(train_parser().parse_args(flags + ["--tasks", CROSS_TASK, "--pair_encoding",
+                                                                              "cross"]))
     cross_train = tensorize(raw[CROSS_TASK], tokenizer, "cross")
     cross_chosen, cross_width = training_batches(cross_train, args.batch_size, args.train_batches, args.seed, 1)
     cross_eval = eval_subset(tensorize(load_task(CROSS_TASK, "dev", args.data_dir, skip_bad_rows=True,
                                                  max_samples=args.max_rows), tokenizer, "cross"),
                              args.eval_batch_size, args.eval_batches)
-    ours_x = build_model(cross_args).to(device)
+    ours_x = build_model(cross_config).to(device)
     hf_x = HFMultitask(hf_encoder(transformers, ours_x.encoder), copy.deepcopy(ours_x.heads), ours_x.config.pooling)
     check = max(check, max_logit_difference(ours_x, hf_x, {CROSS_TASK: cross_train}, {CROSS_TASK: cross_chosen},
                                             pad_id, (CROSS_TASK,)))
@@ -178,13 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         compile_encoder(ours, device)
         compile_encoder(ours_x, device)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(targs, ours, train, {}, device, tokenizer, tmp, metrics=None)
-        trainer_x = Trainer(cross_args, ours_x, {CROSS_TASK: cross_train}, {}, device, tokenizer, tmp, metrics=None)
+        trainer = Trainer(config, ours, train, {}, device, tokenizer, tmp, metrics=None)
+        trainer_x = Trainer(cross_config, ours_x, {CROSS_TASK: cross_train}, {}, device, tokenizer, tmp, metrics=None)
     trainer.streams = {t: FixedStream(train[t], chosen[t]) for t in TASKS}
     trainer_x.streams = {CROSS_TASK: FixedStream(cross_train, cross_chosen)}
-    hf_x_pipe = Pipeline(hf_x, cross_args, amp)
-    hf_pipe = Pipeline(hf, targs, amp)
-    glue_pipe = Pipeline(glue, targs, amp)
+    hf_x_pipe = Pipeline(hf_x, cross_config, amp)
+    hf_pipe = Pipeline(hf, config, amp)
+    glue_pipe = Pipeline(glue, config, amp)
 
     # (c)'s examples: the same training examples as (a) and (b), in random batches, padded to 128.
     glue_batches = {}
@@ -241,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = {"a_train": a_train, "b_train": b_train, "c_train": c_train, "a_infer": a_infer, "b_infer": b_infer,
             "ax_train": ax_train, "bx_train": bx_train, "ax_infer": ax_infer, "bx_infer": bx_infer}
     if args.levers:
-        runs.update(lever_runs(args, ours, hf, trainer, train, chosen, evals, a_train, a_infer, b_train, b_infer, device, pad_id, amp))
+        runs.update(lever_runs(args, config, ours, hf, trainer, train, chosen, evals, a_train, a_infer, b_train, b_infer,
+                               device, pad_id, amp))
     times: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     clock = time.process_time if args.timer == "cpu" else time.perf_counter

@@ -26,8 +26,10 @@ LEVERS = {
 }
 
 
-def lever_runs(args, ours, hf, trainer, train, chosen, evals, a_train, a_infer, b_train, b_infer, device, pad_id, amp):
-    """(a) with one lever taken away at a time, on the same examples; and (b) with eager attention."""
+def lever_runs(args, config, ours, hf, trainer, train, chosen, evals, a_train, a_infer, b_train, b_infer, device,
+               pad_id, amp):
+    """(a) with one lever taken away at a time, on the same examples; and (b) with eager attention (``config``: the
+    RunConfig that (a)'s Trainer was built from)."""
 
     @contextlib.contextmanager
     def every_position():
@@ -63,7 +65,7 @@ def lever_runs(args, ours, hf, trainer, train, chosen, evals, a_train, a_infer, 
     import transformers
 
     hf_eager = HFMultitask(hf_encoder(transformers, ours.encoder, "eager"), copy.deepcopy(hf.heads), hf.pooling)
-    eager_pipe = Pipeline(hf_eager, trainer.args, amp)
+    eager_pipe = Pipeline(hf_eager, config, amp)
 
     def with_context(ctx, fn):
         def run():

@@ -3,16 +3,15 @@ holding the same weights, (c) a run_glue-style BertForSequenceClassification com
 drives both like Trainer.train_step drives ours, (b)'s prediction loop, and the check that (a) and (b) agree."""
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minbert.methods.optim.build import linear_schedule, optimizer_for_run as build_optimizer
+from minbert.methods.optim.build import linear_schedule, optimizer_for_run
 from minbert.model.encoder import to_hf_state_dict
 from minbert.model.pooling import pool
 from minbert.tasks.data import TaskTensors, sorted_batches
+from minbert.training.run_config import RunConfig
 
 from throughput_batches import TASKS
 
@@ -75,11 +74,11 @@ class Pipeline:
     """A transformers model trained like Trainer.train_step trains ours: per task, forward + loss (autocast with
     --bf16), backward, then clip + AdamW step + zero grads, then the schedule."""
 
-    def __init__(self, model: nn.Module, args: argparse.Namespace, amp: torch.dtype | None):
-        self.model, self.args, self.amp = model, args, amp
+    def __init__(self, model: nn.Module, config: RunConfig, amp: torch.dtype | None):
+        self.model, self.amp, self.max_grad_norm = model, amp, config.training.max_grad_norm
         self.device = next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(args, model)
+        self.optimizer = optimizer_for_run(config, model)
         self.scheduler = linear_schedule(self.optimizer, 0, 10**9)
 
     def train_step(self, batches: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -91,7 +90,7 @@ class Pipeline:
             grads = [p.grad for p in self.params if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads)
             if bool(torch.isfinite(norm)):
-                torch.nn.utils.clip_grads_with_norm_(self.params, self.args.max_grad_norm, norm)
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.max_grad_norm, norm)
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             loss.item()

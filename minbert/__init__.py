@@ -45,7 +45,8 @@ MOVED_MODULES = {
 
 
 def moved_to(fullname: str) -> str | None:
-    """The module's name now, for a name of the flat layout (``minbert.optim.mfac`` -> ``minbert.methods.optim.mfac``)."""
+    """The module's name now, for a name of the flat layout (``minbert.optim.mfac``: ``minbert.methods.optim.mfac``),
+    else None."""
     head, _, rest = fullname.partition(".")
     first, _, tail = rest.partition(".")
     if head != __name__ or first not in MOVED_MODULES:

@@ -85,7 +85,7 @@ def test_the_graph_sees_lazy_and_relative_imports():
     graph = import_graph()
     assert "minbert.training.run" in graph["minbert.cli"]  # imported inside train_main
     assert "minbert.methods.optim.mfac" in graph["minbert.methods.optim"]
-    assert "minbert.training.distributed" in graph["minbert.training.trainer"]  # from minbert.training import ..., distributed
+    assert "minbert.training.distributed" in graph["minbert.training.trainer"]  # from minbert.training import distributed
 
 
 def test_no_import_cycle_in_minbert():

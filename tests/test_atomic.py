@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from minbert.io import (AppendLog, atomic_save, atomic_write_text, published_dir, remove_stale_temps,
-                        replace_dir)
+from minbert.io import AppendLog, atomic_save, atomic_write_text, published_dir, remove_stale_temps, replace_dir
 
 from .conftest import ROOT
 

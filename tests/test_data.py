@@ -4,7 +4,7 @@ import torch
 
 from minbert.model.tokenizer import load_tokenizer
 from minbert.tasks.data import (TASKS, DataError, TaskStream, bucketed_batches, load_task, pad, read_task_file,
-                          sorted_batches, tensorize)
+                                sorted_batches, tensorize)
 
 from .conftest import DATA
 

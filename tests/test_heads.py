@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from minbert.model.encoder import BertOutput
-from minbert.model.heads import (STS_HEADS, Cosine2d1Head, CosineEmbeddingHead, CosineHead, CosineRegressionHead, STSHead,
-                           build_heads)
+from minbert.model.heads import (STS_HEADS, Cosine2d1Head, CosineEmbeddingHead, CosineHead, CosineRegressionHead,
+                                 STSHead, build_heads)
 from minbert.model.pooling import pool
 
 

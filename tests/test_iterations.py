@@ -4,12 +4,11 @@ from collections import Counter
 
 import pytest
 
-from minbert.cli import train_parser
 from minbert.tasks.data import TASKS
 from minbert.training.run import run
 from minbert.training.trainer import Trainer
 
-from .conftest import DATA, write_slice
+from .conftest import DATA, run_config, write_slice
 
 SIZES = {"sst": 20, "qqp": 48, "sts": 12}  # batch 4: 5, 12 and 3 batches per pass
 BATCH, K, EPOCHS = 4, 2, 2
@@ -35,12 +34,12 @@ def test_iterations_multiplier_semantics(uneven_data, tmp_path, monkeypatch):
         return original(self, step)
 
     monkeypatch.setattr(Trainer, "train_step", recording_train_step)
-    args = train_parser().parse_args([
+    config = run_config(*[
         "--model_name_or_path", "bert-tiny", "--data_dir", str(uneven_data), "--iterations_multiplier", str(K),
         "--per_device_train_batch_size", str(BATCH), "--num_train_epochs", str(EPOCHS), "--combiner", "sum",
         "--output_dir", str(tmp_path / "run"),
     ])
-    run(args)
+    run(config)
 
     steps_per_epoch = K * min(-(-n // BATCH) for n in SIZES.values())  # K x smallest task's batches = 2 x 3
     assert steps_per_epoch == 6
@@ -74,10 +73,10 @@ def test_iterations_multiplier_semantics(uneven_data, tmp_path, monkeypatch):
 def test_steps_per_epoch_is_capped_by_max_steps_per_epoch(uneven_data, tmp_path, monkeypatch):
     counted = []
     monkeypatch.setattr(Trainer, "train_step", lambda self, step: counted.append(step) or {})
-    args = train_parser().parse_args([
+    config = run_config(*[
         "--model_name_or_path", "bert-tiny", "--data_dir", str(uneven_data), "--iterations_multiplier", "3",
         "--per_device_train_batch_size", str(BATCH), "--num_train_epochs", "1", "--max_steps_per_epoch", "4",
         "--output_dir", str(tmp_path / "run"),
     ])
-    run(args)
+    run(config)
     assert counted == [0, 1, 2, 3]  # min(3 x 3, 4)

@@ -9,7 +9,6 @@ import os
 import random
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,9 @@ from minbert.cli import apply_config_file, train_main, train_parser
 from minbert.io.folder_lock import LOCK_NAME, FolderInUse, folder_lock, lock_beside
 from minbert.training.checkpoint_state import DamagedCheckpoint, check_positions
 from minbert.training.config_file import COMMAND_LINE_ONLY
-from minbert.training.output_dir import RUN_OUTPUTS, check_output_dir, clean_failed_start, foreign_file, prepare_output_dir
+from minbert.training.output_dir import (RUN_OUTPUTS, OutputSettings, check_output_dir, clean_failed_start,
+                                         foreign_file, prepare_output_dir)
+from minbert.training.run_config import RunConfig
 
 from .conftest import ROOT
 
@@ -52,7 +53,7 @@ def test_a_config_file_cannot_set_overwrite_resume_or_trust(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("note: ") and all(k in err for k in COMMAND_LINE_ONLY)
     with pytest.raises(ValueError, match="holds a finished run"):  # the run is refused, never deleted
-        check_output_dir(args)
+        check_output_dir(RunConfig.from_namespace(args))
     assert (run / "results.json").is_file()
 
 
@@ -108,7 +109,7 @@ def test_overwrite_refuses_a_folder_with_foreign_files(tmp_path, case):
     path = out.joinpath(*parts)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("the user's") if rng.random() < 0.8 else path.mkdir()
-    config = Namespace(output_dir=str(out), overwrite_output_dir=True, resume=False, checkpoint=None)
+    config = RunConfig(output=OutputSettings(output_dir=str(out), overwrite_output_dir=True))
     with pytest.raises(ValueError) as e:
         prepare_output_dir(config)
     assert "minbert did not write" in str(e.value) and str(out / parts[0] / parts[1]) in str(e.value)
@@ -123,7 +124,7 @@ def test_overwrite_deletes_only_the_runs_files(tmp_path):
     (out / "notes.txt").write_text("mine")  # beside the run: kept, never deleted
     (out / "predictions" / ".sst-dev-output.csv.x.tmp").write_text("")
     assert foreign_file(out) is None
-    config = Namespace(output_dir=str(out), overwrite_output_dir=True, resume=False, checkpoint=None)
+    config = RunConfig(output=OutputSettings(output_dir=str(out), overwrite_output_dir=True))
     prepare_output_dir(config)
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "notes.txt"]
     (out / "best").write_text("a file where a run writes a folder")
@@ -139,7 +140,7 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_same_command(tmp_path):
     (out / "metrics.jsonl").write_text("{}\n")
     (out / "predictions").mkdir()
     (out / "keep.txt").write_text("mine")
-    config = Namespace(output_dir=str(out), overwrite_output_dir=False, resume=False, checkpoint=None)
+    config = RunConfig(output=OutputSettings(output_dir=str(out)))
     clean_failed_start(config)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     check_output_dir(config)  # the same command may start again

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,8 @@ from safetensors.torch import load_file
 
 from minbert.cli import train_main
 from minbert.training.output_dir import check_output_dir, prepare_output_dir
+from minbert.training.run_config import RunConfig
+from minbert.training.settings import from_flat
 
 from .conftest import ROOT
 
@@ -147,8 +148,9 @@ def test_ctrl_c_saves_last_and_exits_130_then_resume_is_bit_identical(small_data
     assert_same_weights(out / "last", reference / "last")
 
 
-def _args(out: Path, **kw) -> Namespace:
-    return Namespace(**{"output_dir": str(out), "overwrite_output_dir": False, "resume": False, **kw})
+def _args(out: Path, **kw) -> RunConfig:
+    """A RunConfig writing to ``out``, with these flags; every other flag has its default."""
+    return from_flat(RunConfig, {"output_dir": str(out), **kw})
 
 
 def test_output_dir_rules(tmp_path):

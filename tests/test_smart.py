@@ -266,22 +266,36 @@ def test_bregman_anchor_survives_a_resume():
     assert SmartRegularizer().state_dict() == {}
 
 
-def test_from_args_defaults_are_the_reports():
+def smart_of_flags(*flags: str) -> SmartRegularizer:
+    """The regularizer a run with these training flags builds (the Trainer's: from the run's SmartSettings)."""
     from minbert.cli import train_parser
+    from minbert.training.run_config import RunConfig
 
-    args = train_parser().parse_args(["--smart"])
-    smart = SmartRegularizer.from_args(args)
+    config = RunConfig.from_namespace(train_parser().parse_args(["--smart", *flags]))
+    return SmartRegularizer.from_settings(config.multitask.smart_settings)
+
+
+def test_flag_defaults_are_the_reports():
+    smart = smart_of_flags()
     assert (smart.lam, smart.eta, smart.sigma, smart.steps, smart.projection) == (5.0, 1e-3, 1e-5, 1, "library")
     assert smart.epsilon == 1e-5  # the report's ε, the normalization's stabiliser
-    early = SmartRegularizer.from_args(train_parser().parse_args(["--smart", "--smart_projection", "library_early"]))
+    early = smart_of_flags("--smart_projection", "library_early")
     assert (early.projection, early.epsilon) == ("library_early", 1e-30)  # a stabiliser only
-    legacy = SmartRegularizer.from_args(train_parser().parse_args(["--smart", "--smart_projection", "none"]))
+    legacy = smart_of_flags("--smart_projection", "none")
     assert (legacy.projection, legacy.epsilon) == ("library_early", 1e-30)  # the old name of the same form
     assert (smart.bregman, smart.bregman_mu, smart.bregman_beta) == (False, 1.0, 0.99)
-    ball = SmartRegularizer.from_args(train_parser().parse_args(["--smart", "--smart_projection", "ball"]))
+    ball = smart_of_flags("--smart_projection", "ball")
     assert (ball.projection, ball.epsilon) == ("ball", 1e-5)
-    mine = SmartRegularizer.from_args(train_parser().parse_args(["--smart", "--smart_epsilon", "1e-6"]))
+    mine = smart_of_flags("--smart_epsilon", "1e-6")
     assert (mine.projection, mine.epsilon) == ("library", 1e-6)
+
+
+def test_settings_defaults_are_the_flags():
+    from minbert.methods.smart import SmartSettings
+
+    by_hand = SmartRegularizer.from_settings(SmartSettings(smart=True))
+    by_flags = smart_of_flags()
+    assert vars(by_hand) == vars(by_flags)
 
 
 def test_bregman_needs_smart(small_data, capsys):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minbert.cli import train_main, train_parser
+from minbert.cli import train_main
 from minbert.model.config import BertConfig
 from minbert.model.encoder import SKIP_PADDING_FROM, BertModel
 from minbert.model.multitask import MultitaskBert
@@ -18,7 +18,7 @@ from minbert.tasks.data import load_task, tensorize
 from minbert.training.run import build_model
 from minbert.training.trainer import Trainer
 
-from .conftest import ROOT
+from .conftest import ROOT, run_config
 
 BENCH = ROOT / "benchmarks" / "throughput.py"
 # Today's three fields first, in this order (scripts read them), then the cross-encoded pipeline's.
@@ -76,11 +76,11 @@ def tiny_args(data_dir, out, *extra):
 
 
 def test_bf16_autocasts_the_training_forward_pass_and_keeps_float32_weights(small_data, tmp_path, one_thread):
-    args = train_parser().parse_args(tiny_args(small_data, tmp_path, "--bf16", "--tasks", "sst"))
+    config = run_config(*tiny_args(small_data, tmp_path, "--bf16", "--tasks", "sst"))
     tokenizer = load_tokenizer("bert-tiny", 32)
     train = {"sst": tensorize(load_task("sst", "train", small_data, max_samples=32), tokenizer)}
-    model = build_model(args)
-    trainer = Trainer(args, model, train, {}, torch.device("cpu"), tokenizer, tmp_path, metrics=None)
+    model = build_model(config)
+    trainer = Trainer(config, model, train, {}, torch.device("cpu"), tokenizer, tmp_path, metrics=None)
     seen = []
     model.encoder.layers[0].qkv.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
     model.train()
@@ -102,7 +102,7 @@ def test_torch_compile_end_to_end_saves_clean_checkpoint_keys(small_data, tmp_pa
     """Compiling takes about a minute of CPU time on first use (inductor's cache makes reruns faster)."""
     assert train_main(tiny_args(small_data, tmp_path, "--torch_compile", "--tasks", "sst")) == 0
     saved = load_file(tmp_path / "best" / "model.safetensors")
-    fresh = build_model(train_parser().parse_args(["--model_name_or_path", "bert-tiny", "--tasks", "sst"]))
+    fresh = build_model(run_config("--model_name_or_path", "bert-tiny", "--tasks", "sst"))
     assert set(saved) == set(fresh.state_dict())  # no "_orig_mod." prefixes
     MultitaskBert.load(tmp_path / "best")
     assert (tmp_path / "predictions" / "sst-dev-output.csv").is_file()

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from minbert.cli import train_main
 from minbert.tasks.predict import score_prediction_dir
 
-from .conftest import ROOT
+from .conftest import ROOT, run_config
 
 SIX = ["sst-dev-output.csv", "sst-test-output.csv", "para-dev-output.csv", "para-test-output.csv",
        "sts-dev-output.csv", "sts-test-output.csv"]
@@ -103,14 +103,13 @@ def test_finished_output_dir_is_refused(tiny_run, small_data):
 
 
 def test_heads_get_their_own_learning_rate_and_no_decay_on_vectors():
-    from minbert.cli import train_parser
-    from minbert.methods.optim.build import optimizer_for_run as build_optimizer
+    from minbert.methods.optim.build import optimizer_for_run
     from minbert.training.run import build_model
 
-    args = train_parser().parse_args(["--model_name_or_path", "bert-tiny", "--learning_rate", "2e-5",
-                                      "--head_learning_rate", "3e-3", "--weight_decay", "0.1"])
-    model = build_model(args)
-    opt = build_optimizer(args, model)
+    config = run_config("--model_name_or_path", "bert-tiny", "--learning_rate", "2e-5", "--head_learning_rate", "3e-3",
+                        "--weight_decay", "0.1")
+    model = build_model(config)
+    opt = optimizer_for_run(config, model)
     head_ids = {id(p) for p in model.heads.parameters()}
     for group in opt.param_groups:
         is_head = {id(p) in head_ids for p in group["params"]}

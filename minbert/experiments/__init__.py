@@ -18,8 +18,8 @@ the rows, collecting the scores), :mod:`.stats` (mean ± std, paired differences
 from minbert.experiments.cards import CARD_MFAC_ARGS, CARD_SEEDS, CARD_SETTINGS, CardsRun, card_rows
 from minbert.experiments.command import main, parser
 from minbert.experiments.profiles import (ARCHITECTURES, BASELINE, COMMON, CPU_STEPS, DEFAULT_ARCHITECTURE,
-                                          PAIR_ENCODING, PROFILES, REPORT_ARCHITECTURE, ROW_KEYS, ROWS, STEP_CAPS,
-                                          Row, bf16_native, row_argv, smart_accepts_bf16, use_bf16)
+                                          PAIR_ENCODING, PROFILES, REPORT_ARCHITECTURE, ROW_KEYS, ROWS, STEP_CAPS, Row,
+                                          bf16_native, row_argv, smart_accepts_bf16, use_bf16)
 from minbert.experiments.runner import PaperRun, execute, run_row, train_entry_point
 from minbert.experiments.stats import mean_std, paired_difference
 

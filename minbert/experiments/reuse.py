@@ -106,7 +106,7 @@ def preflight(commands, overwrite: bool) -> None:
         config = row_config(name, argv)
         if overwrite:
             continue
-        directory = Path(config.output_dir)
+        directory = Path(config.output.output_dir)
         check_reusable(name, directory, config)
         if (directory / "results.json").exists():
             read_run_results(directory)

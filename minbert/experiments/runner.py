@@ -29,8 +29,7 @@ METRICS = (*LEADERBOARD_TASKS, OVERALL)
 
 
 def train_entry_point():
-    """The function that trains one run from its checked RunConfig (or parsed train_multitask.py arguments); the
-    one place it is imported."""
+    """The function that trains one run from its checked RunConfig; the one place it is imported."""
     from minbert.training.run import run
 
     return run

@@ -37,7 +37,7 @@ pass. Only the final perturbed pass, which the training gradient needs, keeps it
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -280,13 +280,6 @@ class SmartRegularizer:
         return cls(lam=smart.smart_lambda, steps=smart.smart_steps, eta=smart.smart_eta, epsilon=smart.smart_epsilon,
                    sigma=smart.smart_sigma, bregman=smart.bregman, bregman_mu=smart.bregman_mu,
                    bregman_beta=smart.bregman_beta, projection=smart.smart_projection)
-
-    @classmethod
-    def from_args(cls, args) -> "SmartRegularizer":
-        """From a RunConfig or the training parser's namespace (its SMART flags)."""
-        if hasattr(args, "multitask"):
-            return cls.from_settings(args.multitask.smart_settings)
-        return cls.from_settings(SmartSettings(**{f.name: getattr(args, f.name) for f in fields(SmartSettings)}))
 
     @property
     def last_values(self) -> dict[str, float]:

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minbert.io import DataError, atomic_save, atomic_write_text, json_text, load_safetensors, published_dir, read_json_file
+from minbert.io import (DataError, atomic_save, atomic_write_text, json_text, load_safetensors, published_dir,
+                        read_json_file)
 from minbert.model.config import PRESETS, BertConfig
 from minbert.model.encoder import BertModel
 from minbert.model.heads import DEFAULT_PARA_HEAD, DEFAULT_STS_HEAD, PARA_HEADS, STS_HEADS, build_heads
 from minbert.model.pooling import POOLING_MODES, pool
 from minbert.tasks.data import DEFAULT_TASKS, PAIR_ENCODINGS, TASKS
-from minbert.tasks.user_tasks import declare, parse_task_spec, run_tasks
+from minbert.tasks.user_tasks import declare, parse_task_spec
 from minbert.training.settings import flag_reader, setting
 
 
@@ -237,11 +238,10 @@ def parse_pair_encoding(text: str) -> dict[str, str]:
     return out
 
 
-def pair_encoding_of(args) -> dict[str, str]:
-    """MultitaskConfig.pair_encoding from the training flags: the encoding of each pair task trained."""
-    value = getattr(args, "pair_encoding", None) or "bi"
+def pair_encoding_of(settings: "ModelSettings", trained: list[str]) -> dict[str, str]:
+    """MultitaskConfig.pair_encoding from the model's flags: the encoding of each pair task of ``trained``."""
+    value = settings.pair_encoding or "bi"
     parsed = value.by_task if isinstance(value, PairEncoding) else parse_pair_encoding(value)
-    trained = run_tasks(args)
     out = {t: e for t, e in parsed.items() if t in trained}
     # A user's pair task follows the one-word form (bi, cross); TASK=.. names built-ins (the flag is read before
     # the --task_spec tasks are declared).

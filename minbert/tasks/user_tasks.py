@@ -175,11 +175,11 @@ def spec_names(content: dict | None) -> list[str]:
     return [t["name"] for t in (content or {}).get("tasks", [])]
 
 
-def run_tasks(config) -> list[str]:
-    """The tasks a run trains: ``--tasks``, then the tasks of its ``--task_spec`` (checked content, as
-    RunConfig.validate leaves it)."""
-    spec = getattr(config, "task_spec", None)
-    return [*config.tasks, *spec_names(spec if isinstance(spec, dict) else None)]
+def run_tasks(data) -> list[str]:
+    """The tasks a run trains (``data``: its data_settings.DataSettings): ``--tasks``, then the tasks of its
+    ``--task_spec`` (checked content, as RunConfig.validate leaves it)."""
+    spec = data.task_spec
+    return [*data.tasks, *spec_names(spec if isinstance(spec, dict) else None)]
 
 
 def check_data_files(content: dict, data_dir: str | Path, source: str, splits=SPLIT_NAMES) -> None:

@@ -45,11 +45,6 @@ RESUME_MAY_CHANGE = {"resume", "overwrite_output_dir", "output_dir", "save_steps
                      "skip_test_predictions", "trust_combiner_code"}
 
 
-def settings(config) -> dict:
-    """The flags and values of a RunConfig or an argparse namespace, as args.json holds them."""
-    return config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
-
-
 def read_json(path: Path):
     """The JSON value in ``path``, or None if it cannot be read (a missing or damaged file)."""
     try:
@@ -60,21 +55,23 @@ def read_json(path: Path):
 
 def check_output_dir(config) -> Path | None:
     """Apply the --output_dir rules before any work is done; return the `last` checkpoint to resume from.
+    ``config``: the run's run_config.RunConfig (its output group; a resume compares all its settings).
 
     A finished run (results.json) or an unfinished one (args.json, metrics.jsonl or last/ but no results) is
     refused unless --overwrite_output_dir (start over) or --resume (continue; a run killed before its first
     checkpoint starts from step 0, which is the same thing) is given.
     """
-    out = Path(config.output_dir)
+    output = config.output
+    out = Path(output.output_dir)
     last = published_dir(out / "last")
-    if getattr(config, "resume", False):
+    if output.resume:
         if last is None and ((out / "results.json").is_file() or published_dir(out / "best") is not None):
             raise ValueError(f"--resume: {out} has no last/ checkpoint to continue from (deleted?); pass "
                              "--overwrite_output_dir to start over")
         if last is not None or (out / "args.json").is_file():
             check_same_settings(config, out / "args.json")
         return last
-    if config.overwrite_output_dir:
+    if output.overwrite_output_dir:
         foreign = foreign_file(out)
         if foreign is not None:
             raise ValueError(f"--overwrite_output_dir: {out} holds {foreign}, which minbert did not write; move it "
@@ -91,9 +88,10 @@ def check_output_dir(config) -> Path | None:
 def setting_differences(saved: dict, config) -> list[str]:
     """The flags that change the trained weights (all but RESUME_MAY_CHANGE) whose value in a run's recorded
     settings ``saved`` (its args.json) differs from ``config``'s, as ``--key SAVED (now NOW)``. Flags absent from
-    ``saved`` came with a newer minbert (their defaults cannot have been used) and are skipped."""
+    ``saved`` came with a newer minbert (their defaults cannot have been used) and are skipped. ``config``: a
+    RunConfig (its flat view, :meth:`RunConfig.to_dict`, is what args.json records)."""
     saved = current_settings(saved, saved=True)  # an older minbert's names and defaults (smart_projection none)
-    now = json.loads(json.dumps(settings(config), default=str))
+    now = json.loads(json.dumps(config.to_dict(), default=str))
     return [f"--{k} {saved[k]} (now {now[k]})" for k in now
             if k in saved and k not in RESUME_MAY_CHANGE and not _same_value(k, saved[k], now[k])]
 
@@ -165,14 +163,14 @@ def foreign_file(out: Path) -> Path | None:
 def clean_failed_start(config) -> None:
     """A run that failed before its first checkpoint (no last/, no results.json) removes what it wrote, so that the
     same command can start again; a later failure keeps last/ for --resume."""
-    out = Path(config.output_dir)
+    out = Path(config.output.output_dir)
     if published_dir(out / "last") is not None or (out / "results.json").exists():
         return
-    _remove_outputs(out, config)
+    _remove_outputs(out, config.output)
 
 
-def _remove_outputs(out: Path, config) -> None:
-    keep = Path(config.checkpoint).resolve() if getattr(config, "checkpoint", None) else None  # --predict_only's
+def _remove_outputs(out: Path, output: OutputSettings) -> None:
+    keep = Path(output.checkpoint).resolve() if output.checkpoint else None  # --predict_only's
     for name in RUN_OUTPUTS:
         for path in (out / name, out / f"{name}.old", out / f"{name}.partial"):
             if keep is not None and (path.resolve() == keep or path.resolve() in keep.parents):
@@ -186,11 +184,12 @@ def _remove_outputs(out: Path, config) -> None:
 def prepare_output_dir(config) -> Path:
     """Create --output_dir (after :func:`check_output_dir`); clear what killed writers left behind, and on
     --overwrite_output_dir the previous run's outputs."""
-    out = Path(config.output_dir)
+    output = config.output
+    out = Path(output.output_dir)
     check_output_dir(config)
     out.mkdir(parents=True, exist_ok=True)
-    if config.overwrite_output_dir and not getattr(config, "resume", False):
-        _remove_outputs(out, config)  # check_output_dir made sure nothing else is there
+    if output.overwrite_output_dir and not output.resume:
+        _remove_outputs(out, output)  # check_output_dir made sure nothing else is there
     for directory in (out, out / "predictions"):
         remove_stale_temps(directory)
     return out

@@ -54,13 +54,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_datasets(config, tokenizer, splits: tuple[str, ...]) -> dict[tuple[str, str], TaskData]:
-    """Read every needed file before anything is written, so bad input leaves no output behind."""
-    out = {}
-    for task in run_tasks(config):
+def load_datasets(config: RunConfig, tokenizer, splits: tuple[str, ...]) -> dict[tuple[str, str], TaskData]:
+    """Read every needed file before anything is written, so bad input leaves no output behind (``config``: the
+    run's; its data group says which files and how many rows)."""
+    data, out = config.data, {}
+    for task in run_tasks(data):
         for split in splits:
-            limit = config.max_train_samples if split == "train" else config.max_eval_samples
-            out[(task, split)] = load_task(task, split, config.data_dir, config.skip_bad_rows, limit)
+            limit = data.max_train_samples if split == "train" else data.max_eval_samples
+            out[(task, split)] = load_task(task, split, data.data_dir, data.skip_bad_rows, limit)
     for d in out.values():
         if d.skipped:
             log.warning("%s: skipped %d malformed rows: %s", d.path, len(d.skipped), "; ".join(d.skipped))
@@ -70,11 +71,12 @@ def load_datasets(config, tokenizer, splits: tuple[str, ...]) -> dict[tuple[str,
     return out
 
 
-def build_model(config) -> MultitaskBert:
-    encoder = BertModel.from_pretrained(config.model_name_or_path)
-    mt_config = MultitaskConfig(tasks=run_tasks(config), pooling=config.pooling, sts_head=config.sts_head,
-                                para_head=config.para_head, pair_encoding=pair_encoding_of(config),
-                                task_spec=getattr(config, "task_spec", None))
+def build_model(config: RunConfig) -> MultitaskBert:
+    """The run's model, before training: the encoder and heads of its model group, for the tasks of its data group."""
+    model, tasks = config.model, run_tasks(config.data)
+    encoder = BertModel.from_pretrained(model.model_name_or_path)
+    mt_config = MultitaskConfig(tasks=tasks, pooling=model.pooling, sts_head=model.sts_head, para_head=model.para_head,
+                                pair_encoding=pair_encoding_of(model, tasks), task_spec=config.data.task_spec)
     return MultitaskBert(encoder, mt_config)
 
 
@@ -90,20 +92,21 @@ def compile_encoder(model: MultitaskBert, device: torch.device) -> None:
         layer.compile(dynamic=True)
 
 
-def write_all_predictions(model, tensors: dict[tuple[str, str], TaskTensors], out_dir: Path, config, device,
+def write_all_predictions(model, tensors: dict[tuple[str, str], TaskTensors], out_dir: Path, config: RunConfig, device,
                           pad_id, dev_predictions: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Write the six CS224N prediction files (for the tasks trained); return dev scores. Every prediction is
     made and checked first: a model that predicts NaN writes no file. ``dev_predictions``: the dev predictions
     the model's current weights already made (the best epoch's evaluation), used instead of predicting again."""
     predictions = {}
+    amp = config.training.amp_dtype(config.multitask.smart_settings.ball)
     for (task, split), data in tensors.items():
         if split == "train":
             continue
         if split == "dev" and dev_predictions is not None and task in dev_predictions:
             predictions[(task, split)] = dev_predictions[task]
             continue
-        preds = predict_task(model, data, config.per_device_eval_batch_size, device, pad_id, desc=f"{split} {task}",
-                             amp_dtype=config.training.amp_dtype(config.multitask.smart_settings.ball))
+        preds = predict_task(model, data, config.training.per_device_eval_batch_size, device, pad_id,
+                             desc=f"{split} {task}", amp_dtype=amp)
         if not bool(torch.isfinite(preds).all()):
             raise NonFiniteError(f"{split} {task}: the model predicts non-finite values; no prediction file written")
         predictions[(task, split)] = preds
@@ -119,60 +122,56 @@ def write_all_predictions(model, tensors: dict[tuple[str, str], TaskTensors], ou
     return scores
 
 
-def as_run_config(config) -> RunConfig:
-    """A validated RunConfig from a RunConfig or the parser's namespace (minbert.experiments passes one)."""
-    if not isinstance(config, RunConfig):
-        config = RunConfig.from_namespace(config)
-    return config.validate()
-
-
-def run(config) -> dict[str, float]:
+def run(config: RunConfig) -> dict[str, float]:
     """The main job: train (unless --predict_only), write checkpoints, predictions and scores; returns the dev
-    scores (of the best epoch)."""
-    config = as_run_config(config)
-    declare(config.task_spec)  # tasks of the user's own join the registry (for this process) before any check
-    if config.report_to == "tensorboard":
+    scores (of the best epoch). ``config`` is checked again here (RunConfig.validate) for callers from Python."""
+    config = config.validate()
+    output, training = config.output, config.training
+    declare(config.data.task_spec)  # tasks of the user's own join the registry (for this process) before any check
+    if output.report_to == "tensorboard":
         MetricsLog.tensorboard_writer_class()  # a missing package fails before any data is read
-    device = distributed.init(resolve_device(config.device))  # torchrun: join the process group; cuda:LOCAL_RANK
+    device = distributed.init(resolve_device(training.device))  # torchrun: join the process group; cuda:LOCAL_RANK
     # auto -> on/off, before args.json is written
-    config.bf16 = resolve_bf16(config.bf16, device, config.multitask.smart_settings.ball)
-    check_run_inputs(config.output_dir, {"--checkpoint": config.checkpoint if config.predict_only else None,
-                                         "--model_name_or_path": None if config.predict_only else config.model_name_or_path},
-                     config.overwrite_output_dir)
+    training.bf16 = resolve_bf16(training.bf16, device, config.multitask.smart_settings.ball)
+    inputs = {"--checkpoint": output.checkpoint if output.predict_only else None,
+              "--model_name_or_path": None if output.predict_only else config.model.model_name_or_path}
+    check_run_inputs(output.output_dir, inputs, output.overwrite_output_dir)
     # One run per folder (minbert.io.folder_lock): rank 0 holds --output_dir's lock from the check to the last write.
-    with folder_lock(config.output_dir) if distributed.is_main() else contextlib.nullcontext():
+    with folder_lock(output.output_dir) if distributed.is_main() else contextlib.nullcontext():
         return _run(config, device)
 
 
 def _run(config: RunConfig, device: torch.device) -> dict[str, float]:
+    output, training = config.output, config.training
     resume_from = distributed.on_main(check_output_dir, config)  # a taken --output_dir is refused before any work
-    set_seed(config.seed)
-    source = config.checkpoint if config.predict_only else config.model_name_or_path
-    tokenizer = load_tokenizer(source, config.max_seq_length)
+    set_seed(training.seed)
+    source = output.checkpoint if output.predict_only else config.model.model_name_or_path
+    tokenizer = load_tokenizer(source, config.data.max_seq_length)
     pad_id = pad_token_id(tokenizer)
-    splits = tuple(s for s in SPLITS if not (s == "train" and config.predict_only)
-                   and not (s == "test" and config.skip_test_predictions))
+    splits = tuple(s for s in SPLITS if not (s == "train" and output.predict_only)
+                   and not (s == "test" and output.skip_test_predictions))
     data = load_datasets(config, tokenizer, splits)
-    if config.predict_only:
-        model = MultitaskBert.load(config.checkpoint)
-        missing = [t for t in run_tasks(config) if t not in model.heads]
+    if output.predict_only:
+        model = MultitaskBert.load(output.checkpoint)
+        missing = [t for t in run_tasks(config.data) if t not in model.heads]
         if missing:
-            raise ValueError(f"--checkpoint {config.checkpoint} has no head for task(s) {', '.join(missing)}")
+            raise ValueError(f"--checkpoint {output.checkpoint} has no head for task(s) {', '.join(missing)}")
     else:
         model = build_model(config)
     check_position_limit(tokenizer, model, source)
     model.to(device)
     distributed.broadcast_model(model)  # torchrun: every rank starts from rank 0's weights
-    if config.torch_compile:
+    if training.torch_compile:
         compile_encoder(model, device)
 
     t_start = time.perf_counter()
     tensors = {key: tensorize(d, tokenizer, model.config.encoding(key[0])) for key, d in data.items()}
     trainer = None
-    if not config.predict_only:  # built before the output dir exists: an optimizer that cannot fit leaves nothing behind
-        train = {t: tensors[(t, "train")] for t in run_tasks(config)}
-        dev = {t: tensors[(t, "dev")] for t in run_tasks(config)}
-        trainer = Trainer(config, model, train, dev, device, tokenizer, Path(config.output_dir), metrics=None)
+    # Built before the output dir exists: an optimizer that cannot fit leaves nothing behind.
+    if not output.predict_only:
+        train = {t: tensors[(t, "train")] for t in run_tasks(config.data)}
+        dev = {t: tensors[(t, "dev")] for t in run_tasks(config.data)}
+        trainer = Trainer(config, model, train, dev, device, tokenizer, Path(output.output_dir), metrics=None)
     out = distributed.on_main(prepare_output_dir, config)
     if resume_from is None and distributed.is_main():  # a resumed run keeps the args.json it was checked against
         atomic_write_text(out / "args.json", json.dumps(config.to_dict(), indent=2, default=str) + "\n")
@@ -185,7 +184,8 @@ def _run(config: RunConfig, device: torch.device) -> dict[str, float]:
 
 
 def _train_and_predict(config, model, trainer, tensors, out, resume_from, device, pad_id, t_start) -> dict[str, float]:
-    metrics = MetricsLog(out / "metrics.jsonl", report_to=config.report_to, enabled=distributed.is_main())
+    output, training = config.output, config.training
+    metrics = MetricsLog(out / "metrics.jsonl", report_to=output.report_to, enabled=distributed.is_main())
     try:
         if trainer is not None:
             trainer.metrics = metrics
@@ -194,8 +194,8 @@ def _train_and_predict(config, model, trainer, tensors, out, resume_from, device
                 metrics.write(resumed_from_step=trainer.global_step, epoch=trainer.global_step // trainer.steps_per_epoch)
                 log.info("resuming from %s: step %d of %d", resume_from, trainer.global_step, trainer.total_steps)
             log.info("training %s on %s: %d steps/epoch x %d epochs, combiner %s, optimizer %s, bf16 %s",
-                     config.model_name_or_path, ",".join(run_tasks(config)), trainer.steps_per_epoch,
-                     config.num_train_epochs, config.combiner, config.optim, config.bf16)
+                     config.model.model_name_or_path, ",".join(run_tasks(config.data)), trainer.steps_per_epoch,
+                     training.num_train_epochs, config.multitask.combiner, config.optimizer.optim, training.bf16)
             trainer.train()
         pred_dir = out / "predictions"
         scores = write_all_predictions(model, tensors, pred_dir, config, device, pad_id,
@@ -207,18 +207,18 @@ def _train_and_predict(config, model, trainer, tensors, out, resume_from, device
         metrics.close()
     if not distributed.is_main():
         return scores
-    if config.predict_only:
-        checkpoint = config.checkpoint
+    if output.predict_only:
+        checkpoint = output.checkpoint
     else:  # name best/ only if this run wrote it (published: complete)
         checkpoint = str(out / "best") if published_dir(out / "best") is not None and trainer.best_state is not None else None
-    results = {"dev": scores, "wall_seconds": round(wall, 1), "peak_rss_mb": peak_rss_mb(), "bf16": config.bf16,
+    results = {"dev": scores, "wall_seconds": round(wall, 1), "peak_rss_mb": peak_rss_mb(), "bf16": training.bf16,
                "predictions": str(pred_dir), "checkpoint": checkpoint}
     if trainer is not None:  # "dev" is the best epoch's, chosen on dev: an optimistic score (docs/training.md)
-        results.update(dev_best_epoch=trainer.best_epoch, epochs=config.num_train_epochs)
+        results.update(dev_best_epoch=trainer.best_epoch, epochs=training.num_train_epochs)
         if trainer.last_scores:  # unknown only if a resume came after the last epoch's evaluation
             results["dev_last"] = trainer.last_scores
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
-    print(f"dev scores ({'best epoch' if not config.predict_only else 'checkpoint'}); predictions in {pred_dir}")
+    print(f"dev scores ({'best epoch' if not output.predict_only else 'checkpoint'}); predictions in {pred_dir}")
     print(format_scores({"dev": scores}))
     return scores
 

@@ -76,11 +76,11 @@ class Trainer(ResumableState):
     """The training loop; its resumable state (state_dict, load_state_dict) and checkpoints (save_last,
     save_best, restore) are declared in minbert/training/trainer_state.py."""
 
-    def __init__(self, config, model: MultitaskBert, train: dict[str, TaskTensors], dev: dict[str, TaskTensors],
-                 device: torch.device, tokenizer, out_dir: Path, metrics: MetricsLog | None):
-        """``config``: the run's RunConfig (or the training parser's namespace); each part of the loop reads its
-        own group of it: the loop the training group, the optimizer its group, the combiner and SMART theirs."""
-        self.args = config = config if isinstance(config, RunConfig) else RunConfig.from_namespace(config)
+    def __init__(self, config: RunConfig, model: MultitaskBert, train: dict[str, TaskTensors],
+                 dev: dict[str, TaskTensors], device: torch.device, tokenizer, out_dir: Path,
+                 metrics: MetricsLog | None):
+        """``config``: the run's RunConfig; each part of the loop reads its own group of it: the loop the training
+        group, the optimizer its group, the combiner and SMART theirs. The Trainer keeps none of it whole."""
         self.training, self.save_steps = config.training, config.output.save_steps
         self.model, self.dev, self.device = model, dev, device
         self.tokenizer, self.pad_id = tokenizer, pad_token_id(tokenizer)

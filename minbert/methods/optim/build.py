@@ -112,11 +112,10 @@ class OptimizerSettings:
 
 
 def optimizer_for_run(config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimizer of a run (``config``: a RunConfig or the parser's namespace) over ``model``'s groups."""
-    settings = getattr(config, "optimizer", None)
-    if not isinstance(settings, OptimizerSettings):  # the parser's namespace
-        settings = OptimizerSettings(config.optim, config.optim_args)
-    return build_run_optimizer(settings, model, config.learning_rate, config.weight_decay, config.head_learning_rate)
+    """The optimizer of a run over ``model``'s groups (``config``: its run_config.RunConfig; the optimizer group
+    and the training group's rates, as the Trainer builds it)."""
+    t = config.training
+    return build_run_optimizer(config.optimizer, model, t.learning_rate, t.weight_decay, t.head_learning_rate)
 
 
 def build_run_optimizer(settings: OptimizerSettings, model: torch.nn.Module, learning_rate: float,
