@@ -56,7 +56,6 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, ".."), HERE]  # minbert, and this benchmark's own modules beside it
-from minbert.cli import train_parser  # noqa: E402
 from minbert.model.tokenizer import load_tokenizer, pad_token_id  # noqa: E402
 from minbert.tasks.data import load_task, tensorize  # noqa: E402
 from minbert.tasks.predict import predict_task  # noqa: E402
@@ -149,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
              "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size",
              str(args.eval_batch_size), "--seed", str(args.seed), "--device", args.device]
     flags += ["--bf16", "on" if args.bf16 else "off"] + ["--torch_compile"] * args.torch_compile  # like (b) and (c)
-    config = RunConfig.from_namespace(train_parser().parse_args(flags))
+    config = RunConfig.from_flags(flags)
     ours = build_model(config)
     ours.to(device)
     # (b) and (c) start from the same weights (the heads of (b) too), before (a) takes any step.
@@ -161,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{check:.2e} > {CHECK_TOLERANCE:g}", file=sys.stderr)
         return 1
     # (a') and (b'): QQP read as one sequence; the pairs tokenized jointly, the same weights on both sides.
-    cross_config = RunConfig.from_namespace(train_parser().parse_args(flags + ["--tasks", CROSS_TASK, "--pair_encoding",
-                                                                              "cross"]))
+    cross_config = RunConfig.from_flags(flags + ["--tasks", CROSS_TASK, "--pair_encoding", "cross"])
     cross_train = tensorize(raw[CROSS_TASK], tokenizer, "cross")
     cross_chosen, cross_width = training_batches(cross_train, args.batch_size, args.train_batches, args.seed, 1)
     cross_eval = eval_subset(tensorize(load_task(CROSS_TASK, "dev", args.data_dir, skip_bad_rows=True,

@@ -35,10 +35,9 @@ def write_slice(src: Path, dst: Path, rows: int) -> None:
 def run_config(*argv: str):
     """The RunConfig of train_multitask.py's arguments, as the parser reads them and unchecked (what a test builds
     a model, an optimizer or a Trainer from; train_multitask.py checks it first: cli.check_train_args)."""
-    from minbert.cli import train_parser
     from minbert.training.run_config import RunConfig
 
-    return RunConfig.from_namespace(train_parser().parse_args(list(argv)))
+    return RunConfig.from_flags(list(argv))
 
 
 @pytest.fixture(scope="session")

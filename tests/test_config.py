@@ -103,3 +103,47 @@ def test_a_config_value_is_named_once_as_the_files_key(tmp_path, small_data, cap
     key = next(iter(content))
     assert f"{tmp_path / 'c.json'}: {message}" in err[0] and f"--{key}" not in err[0], err[0]
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ from Python
+def test_from_flags_is_the_command_lines_configuration(tmp_path):
+    """RunConfig.from_flags reads flags and --config files as train_multitask.py does: the same RunConfig."""
+    from minbert.cli import train_parser
+    from minbert.training.config_file import apply_config_file
+    from minbert.training.run_config import RunConfig
+
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"combiner": "pcgrad", "seed": 5, "tasks": ["sst", "sts"]}))
+    argv = ["--config", str(cfg), "--seed", "9", "--optim_args", "lr: 1e-4", "--smart"]
+    p = train_parser()
+    from_file = apply_config_file(p, argv)
+    expected = RunConfig.from_namespace(p.parse_args(argv), from_file)
+    got = RunConfig.from_flags(argv)
+    assert got.to_dict() == expected.to_dict() and got.from_file == expected.from_file
+    assert got.multitask.combiner == "pcgrad" and got.training.seed == 9 and got.data.tasks == ["sst", "sts"]
+    assert RunConfig.from_flags([]).to_dict() == RunConfig().to_dict()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
+    (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+    (["--combiner"], "argument --combiner: expected one argument"),
+    (["--pooling", "sum"], "argument --pooling: invalid choice: 'sum'"),
+    (["--config", "missing.json"], "--config missing.json: file not found"),
+])
+def test_from_flags_mistakes_are_one_line_errors_not_exits(argv, message, tmp_path, monkeypatch, capsys):
+    from minbert.training.run_config import ConfigError, RunConfig
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_flags(argv)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert capsys.readouterr().err == ""  # nothing printed: the caller decides
+
+
+def test_from_flags_checks_values_in_validate_as_run_does(tmp_path):
+    from minbert.training.run_config import ConfigError, RunConfig
+
+    config = RunConfig.from_flags(["--warmup_ratio", "2", "--output_dir", str(tmp_path / "run")])
+    with pytest.raises(ConfigError, match="--warmup_ratio"):
+        config.validate()

@@ -314,7 +314,7 @@ NOT_RUN = {
                                           "(minutes)",
     ("docs/tasks.md", "model = minbert.load(\"runs/stsbin\")"): "needs the run docs/tasks.md trains "
                                                                  "(tests/test_user_tasks.py runs the same calls)",
-    ("docs/tasks.md", "scores = run(RunConfig"): "trains the main job with a task of one's own (minutes; "
+    ("docs/tasks.md", "scores = run(config)"): "trains the main job with a task of one's own (minutes; "
                                                  "tests/test_user_tasks.py runs it small)",
 }
 # What a fragment refers to without defining it: the tiny objects it runs with.

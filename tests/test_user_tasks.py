@@ -114,14 +114,13 @@ def test_a_fourth_task_trains_predicts_scores_and_loads(user_data, tmp_path, one
 @pytest.mark.parametrize("combiner", ["individual", "sum", "pcgrad", "gse", "upgrad", "uw"])
 def test_every_combiner_trains_a_users_task(user_data, tmp_path, one_thread, combiner):
     """From Python: the spec's content (a dict) in the settings, as args.json holds it."""
-    from minbert.cli import train_parser
     from minbert.training.run import run
     from minbert.training.run_config import RunConfig
 
-    args = train_parser().parse_args(train_argv(user_data, tmp_path / "run", "unused.json", "--tasks", "sts",
-                                                "--combiner", combiner, "--skip_test_predictions"))
-    args.task_spec = {"tasks": [STSBIN]}
-    scores = run(RunConfig.from_namespace(args))
+    config = RunConfig.from_flags(train_argv(user_data, tmp_path / "run", "unused.json", "--tasks", "sts",
+                                             "--combiner", combiner, "--skip_test_predictions"))
+    config.data.task_spec = {"tasks": [STSBIN]}  # as docs/tasks.md's "From Python" does
+    scores = run(config)
     assert set(scores) == {"sts", "stsbin", "overall"} and scores["overall"] == pytest.approx((scores["sts"] + 1) / 2)
 
 

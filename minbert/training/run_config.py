@@ -15,6 +15,7 @@ came from a config file, the file and key (``run.json: warmup_ratio``).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -33,9 +34,11 @@ from minbert.tasks.data import TASKS
 from minbert.tasks.data_settings import DataSettings
 from minbert.tasks.user_tasks import (SPLIT_NAMES, TaskSpecError, check_data_files, checked_task_spec,
                                       checkpoint_task_spec, spec_difference)
+from minbert.training.config_file import apply_config_file
 from minbert.training.legacy_settings import current_settings
 from minbert.training.output_dir import OutputSettings
-from minbert.training.settings import first_problem, from_flat, group, owner_of, setting, setting_names, to_flat
+from minbert.training.settings import (add_arguments, first_problem, from_flat, group, owner_of, setting,
+                                      setting_names, to_flat)
 from minbert.training.trainer_settings import TrainingSettings
 
 
@@ -45,6 +48,17 @@ class ConfigError(ValueError):
     def __init__(self, message: str, from_file: bool = False):
         super().__init__(message)
         self.from_file = from_file
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """The flags' parser for RunConfig.from_flags: a mistake raises ConfigError (argparse and apply_config_file
+    would print the usage and exit, as a command line should)."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+    def exit(self, status: int = 0, message: str | None = None):
+        raise ConfigError((message or "").strip().removeprefix("error: "), from_file=True)
 
 
 @dataclass
@@ -73,6 +87,17 @@ class RunConfig:
         config = from_flat(cls, current_settings(dict(vars(args))))
         config.from_file = dict(from_file or {})
         return config
+
+    @classmethod
+    def from_flags(cls, argv: list[str]) -> "RunConfig":
+        """train_multitask.py's flags as a RunConfig, from Python: ``RunConfig.from_flags(["--combiner", "pcgrad"])``.
+        The same flags, readers and ``--config`` files as the command line; a flag mistake is a ConfigError (one
+        line) instead of an exit. Checks no value: :meth:`validate` does, and ``run()`` calls it."""
+        parser = _RaisingParser(prog="train_multitask.py", add_help=False)
+        add_arguments(parser, cls)
+        argv = [str(a) for a in argv]
+        from_file = apply_config_file(parser, argv)
+        return cls.from_namespace(parser.parse_args(argv), from_file)
 
     def to_dict(self) -> dict:
         """The flags and their values (what run() writes to args.json, which --config reads back)."""
