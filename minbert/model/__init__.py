@@ -2,17 +2,13 @@
 tokenizer (tokenizer.py), the from-scratch BERT encoder (encoder.py), pooling (pooling.py), the task heads
 (heads.py) and the multitask model with its checkpoints (multitask.py).
 
-``minbert.model`` was a module before these folders: its names (``BertModel``, ``to_hf_state_dict``, ...) are
-still found here, read from :mod:`minbert.model.encoder` when first asked for.
+``minbert.model`` was the encoder's module before these folders: its names (``BertModel``,
+``to_hf_state_dict``, ...) are re-exported here.
 """
-import importlib
+from minbert.model.encoder import (BertEmbeddings, BertLayer, BertModel, BertOutput, Packing, SKIP_PADDING_FROM,
+                                   check_hf_shapes, check_model_dir, from_hf_state_dict, hf_shapes,
+                                   load_state_dict_file, num_parameters, resolve_model_dir, to_hf_state_dict)
 
-
-def __getattr__(name: str):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    encoder = importlib.import_module("minbert.model.encoder")
-    try:
-        return getattr(encoder, name)
-    except AttributeError:
-        raise AttributeError(f"module 'minbert.model' has no attribute {name!r}") from None
+__all__ = ["BertEmbeddings", "BertLayer", "BertModel", "BertOutput", "Packing", "SKIP_PADDING_FROM",
+           "check_hf_shapes", "check_model_dir", "from_hf_state_dict", "hf_shapes", "load_state_dict_file",
+           "num_parameters", "resolve_model_dir", "to_hf_state_dict"]

@@ -2,17 +2,12 @@
 readers and batches (data.py, data_settings.py), the metrics and the overall score (metrics.py), prediction and
 the prediction files (predict.py, predict_input.py), and bootstrap intervals for evaluate.py (significance.py).
 
-``minbert.tasks`` was the registry's module before these folders: its names (``TASKS``, ``TaskSpec``, ...) are
-still found here, read from :mod:`minbert.tasks.registry` when first asked for.
+``minbert.tasks`` was the registry's module before these folders: its names (``TASKS``, ``TaskSpec``,
+...) are re-exported here.
 """
-import importlib
+from minbert.tasks.registry import (DEFAULT_TASKS, HEAD_ORDER, LEADERBOARD_TASKS, METRIC_RANGES, OVERALL,
+                                    OVERALL_RANGE, TASKS, TaskSpec, get_task, head_order, register_user_tasks,
+                                    tasks_of_method)
 
-
-def __getattr__(name: str):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    registry = importlib.import_module("minbert.tasks.registry")
-    try:
-        return getattr(registry, name)
-    except AttributeError:
-        raise AttributeError(f"module 'minbert.tasks' has no attribute {name!r}") from None
+__all__ = ["DEFAULT_TASKS", "HEAD_ORDER", "LEADERBOARD_TASKS", "METRIC_RANGES", "OVERALL", "OVERALL_RANGE", "TASKS",
+           "TaskSpec", "get_task", "head_order", "register_user_tasks", "tasks_of_method"]
