@@ -1,9 +1,10 @@
 """minbert: multitask fine-tuning of a from-scratch BERT (SST, QQP, STS), with PCGrad, SMART and M-FAC.
 
 The package's folders: ``model/`` (encoder, tokenizer, heads, the multitask model), ``tasks/`` (the task registry,
-readers, metrics, prediction files), ``training/`` (settings, the run, the trainer, checkpoints), ``methods/``
-(combiners, SMART, optimizers), ``io/`` (the one reader and the one atomic writer); the entry points sit at the
-top (``cli``, ``api``, ``predict_cli``, ``export``, ``plot``, ``experiments``). docs/architecture.md draws it.
+readers, metrics, prediction files), ``training/`` (the run's settings, the run, the trainer, checkpoints),
+``methods/`` (combiners, SMART, optimizers), ``io/`` (files and flags: the one reader, the settings that flags are
+derived from, the one atomic writer); the entry points sit at the top (``cli``, ``api``, ``predict_cli``,
+``export``, ``plot``, ``experiments``). docs/architecture.md draws it.
 """
 import importlib
 import importlib.abc
@@ -31,7 +32,7 @@ MOVED_MODULES = {
     "user_tasks": "tasks.user_tasks", "data": "tasks.data", "data_settings": "tasks.data_settings",
     "metrics": "tasks.metrics", "predict": "tasks.predict", "predict_input": "tasks.predict_input",
     "significance": "tasks.significance",
-    "settings": "training.settings", "run_config": "training.run_config", "config_file": "training.config_file",
+    "settings": "io.settings", "run_config": "training.run_config", "config_file": "training.config_file",
     "legacy_settings": "training.legacy_settings", "run": "training.run", "trainer": "training.trainer",
     "trainer_settings": "training.trainer_settings", "trainer_state": "training.trainer_state",
     "checkpoint_state": "training.checkpoint_state", "output_dir": "training.output_dir",

@@ -12,16 +12,16 @@ import sys
 from pathlib import Path
 
 from minbert.io import finite_or_null, json_text
+from minbert.io.settings import add_arguments
 from minbert.tasks.data import DEFAULT_TASKS, TASKS
 from minbert.tasks.metrics import format_scores  # noqa: F401  (re-exported: it lived here)
 from minbert.training.config_file import apply_config_file  # noqa: F401  (re-exported: --config, as train_main reads it)
 from minbert.training.run_config import ConfigError, RunConfig
-from minbert.training.settings import add_arguments
 
 
 def train_parser() -> argparse.ArgumentParser:
     """train_multitask.py's flags, derived from the settings dataclasses that RunConfig composes (each flag's name,
-    default, help, choices and reader are declared once, on its field: minbert.training.settings)."""
+    default, help, choices and reader are declared once, on its field: minbert.io.settings)."""
     p = argparse.ArgumentParser(
         prog="train_multitask.py",
         description="Fine-tune a BERT encoder on SST, QQP and STS at once; write checkpoints, the six CS224N "

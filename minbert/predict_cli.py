@@ -23,13 +23,13 @@ from minbert.api import DEFAULT_BATCH_SIZE, SENTIMENT_LABELS, InferenceModel, Ma
 from minbert.cli import _run_user_command
 from minbert.io import atomic_write_text, json_text, read_json_file
 from minbert.io.output_policy import check_output_path
+from minbert.io.settings import positive_int
 from minbert.model.multitask import resolve_checkpoint
 from minbert.tasks.data import TASKS, blank_text_problem
 from minbert.tasks.predict_input import INPUT_FORMATS, read_inputs  # noqa: F401 (read_inputs: the --input reader)
 from minbert.tasks.registry import HEAD_ORDER
 from minbert.tasks.user_tasks import declare, parse_task_spec
 from minbert.training.precision import DEFAULT_BF16, bf16_flag
-from minbert.training.settings import positive_int
 
 PREDICT_TASKS = HEAD_ORDER
 FORMATS = ("text", "csv", "jsonl")

@@ -7,8 +7,8 @@ import dataclasses
 from pathlib import Path
 
 from minbert.cli import train_parser
+from minbert.io.settings import setting_names
 from minbert.training.run_config import RunConfig
-from minbert.training.settings import setting_names
 
 from .conftest import ROOT
 

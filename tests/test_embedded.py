@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from minbert.model.embedded import EmbeddedModelError, embedded_model_dir, safe_extract, sha256_file
 from minbert.model import embedded
+from minbert.model.embedded import EmbeddedModelError, embedded_model_dir, safe_extract, sha256_file
 
 from .conftest import ROOT
 

@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from minbert.cli import train_main
+from minbert.io.settings import from_flat
 from minbert.training.output_dir import check_output_dir, prepare_output_dir
 from minbert.training.run_config import RunConfig
-from minbert.training.settings import from_flat
 
 from .conftest import ROOT
 

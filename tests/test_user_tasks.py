@@ -14,10 +14,10 @@ import pytest
 
 import minbert
 from minbert.cli import evaluate_main, train_main
+from minbert.tasks import registry
 from minbert.tasks.data import load_task
 from minbert.tasks.metrics import with_overall
 from minbert.tasks.predict import read_predictions
-from minbert.tasks import registry
 from minbert.tasks.user_tasks import parse_task_spec
 
 from .conftest import ROOT

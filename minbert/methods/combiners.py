@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from minbert.io import first_line, parse_json
+from minbert.io.settings import group, setting
 from minbert.methods import mtl_methods
 from minbert.methods.mtl_methods import METHODS
 from minbert.methods.smart import SmartSettings
-from minbert.training.settings import group, setting
 
 
 @dataclass
@@ -43,6 +43,9 @@ class StepContext:
     # Average these parameters' .grad over the ranks now (torchrun); the optimizer_step that follows leaves them
     # alone, so no further backward may add to them before it. A no-op in one process.
     sync_grads: Callable[[list[nn.Parameter]], None] = lambda params: None
+    # The ranks' mean of a tensor of values (each task's loss): the global batch's value, the same on every rank.
+    # In one process the values themselves, as float32.
+    mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda values: values.float()
 
 
 class Combiner:

@@ -23,12 +23,10 @@ import inspect
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from minbert.io import first_line
 from minbert.methods.mtl_methods import EXTRA, METHODS, Method, missing_solvers
-from minbert.training import distributed
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -240,7 +238,7 @@ class ScalarizerCombiner(MethodCombiner):
     def step(self, ctx) -> dict[str, float]:
         self.make(len(ctx.tasks))
         local = torch.stack([ctx.task_loss(task) for task in ctx.tasks])  # every task's graph alive till backward
-        values = _global_mean(local.detach())
+        values = ctx.mean_over_ranks(local.detach())
         losses = dict(zip(ctx.tasks, values.tolist()))
         if not bool(torch.isfinite(values).all()):  # a non-finite step is skipped; keep it out of the method's state
             local.sum().backward()
@@ -257,7 +255,7 @@ class ScalarizerCombiner(MethodCombiner):
         if ok and self.method.cls == "FAMO":  # Algorithm 1: the losses after the update, on the same batch
             # (with autograd on: SMART's ascent inside task_loss needs it; each graph is dropped at once)
             after = torch.stack([ctx.task_loss(task).detach() for task in ctx.tasks])
-            after = _global_mean(after).cpu()
+            after = ctx.mean_over_ranks(after).cpu()
             if bool(torch.isfinite(after).all()):
                 self.fn.update(after)
         return losses
@@ -277,14 +275,3 @@ class ScalarizerCombiner(MethodCombiner):
         self.made()
         if state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
-
-
-def _global_mean(values: torch.Tensor) -> torch.Tensor:
-    """The ranks' mean of each task's (weighted) loss: the global batch's loss, the same on every rank."""
-    n = distributed.world_size()
-    if n == 1:
-        return values.float()
-    out = values.to(distributed._collective_device(), torch.float64)
-    dist.all_reduce(out)
-    return (out / n).to(values.device, torch.float32)
-

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from minbert.training.settings import setting
+from minbert.io.settings import setting
 
 # The report's settings (§4.4), also the paper's defaults: λ, η, ε, σ; plus the Bregman proximal point's μ, β.
 SMART_LAMBDA, SMART_ETA, SMART_EPSILON, SMART_SIGMA, SMART_STEPS = 5.0, 1e-3, 1e-5, 1e-5, 1

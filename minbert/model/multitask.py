@@ -17,13 +17,13 @@ from torch import nn
 
 from minbert.io import (DataError, atomic_save, atomic_write_text, json_text, load_safetensors, published_dir,
                         read_json_file)
+from minbert.io.settings import flag_reader, setting
 from minbert.model.config import PRESETS, BertConfig
 from minbert.model.encoder import BertModel
 from minbert.model.heads import DEFAULT_PARA_HEAD, DEFAULT_STS_HEAD, PARA_HEADS, STS_HEADS, build_heads
 from minbert.model.pooling import POOLING_MODES, pool
 from minbert.tasks.data import DEFAULT_TASKS, PAIR_ENCODINGS, TASKS
 from minbert.tasks.user_tasks import declare, parse_task_spec
-from minbert.training.settings import flag_reader, setting
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The data group of train_multitask.py's flags (:class:`DataSettings`, minbert.training.settings) and the reader of
+"""The data group of train_multitask.py's flags (:class:`DataSettings`, minbert.io.settings) and the reader of
 ``--tasks``: which task files a run reads, how many rows, and how long an input may be. Beside minbert.tasks.data (the
 readers themselves), which stays within the size limit; what ``--task_spec`` holds is minbert.tasks.user_tasks'."""
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minbert.io import comma_list
+from minbert.io.settings import flag_reader, positive_int, setting
 from minbert.model.tokenizer import MIN_SEQ_LENGTH
 from minbert.tasks.registry import DEFAULT_TASKS, TASKS
-from minbert.training.settings import flag_reader, positive_int, setting
 
 
 def read_tasks(text: str) -> list[str]:

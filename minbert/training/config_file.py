@@ -20,8 +20,8 @@ import json
 import sys
 
 from minbert.io import read_json_file
+from minbert.io.settings import nonneg_float, nonneg_int, positive_int
 from minbert.training.precision import bf16_flag
-from minbert.training.settings import nonneg_float, nonneg_int, positive_int
 
 # Keys a config file may hold but that only the command line can set (see the module docstring).
 COMMAND_LINE_ONLY = ("overwrite_output_dir", "resume", "trust_combiner_code")

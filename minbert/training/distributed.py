@@ -200,6 +200,17 @@ def average_losses(losses: dict[str, float], stop: bool) -> tuple[dict[str, floa
     return {t: v / n for t, v in zip(losses, values)}, values[-1] > 0
 
 
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The ranks' mean of ``values`` (e.g. each task's loss), the same on every rank; float32 on ``values``' device.
+    In one process, ``values`` as float32 (StepContext.mean_over_ranks)."""
+    n = world_size()
+    if n == 1:
+        return values.float()
+    out = values.to(_collective_device(), torch.float64)
+    dist.all_reduce(out)
+    return (out / n).to(values.device, torch.float32)
+
+
 def batch_noise(global_size: int, widths: list[int]) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
     """SMART's initial noise ν ~ N(0, I) (Jiang et al. 2020, Algorithm 1) for this rank's rows of a global batch.
 

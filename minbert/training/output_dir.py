@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minbert.io import TEMP_SUFFIX, published_dir, read_json_file, remove_stale_temps
+from minbert.io.settings import setting
 from minbert.tasks.data import TASKS
 from minbert.tasks.user_tasks import NAME as TASK_NAME
 from minbert.training.legacy_settings import current_settings
 from minbert.training.metrics_log import REPORT_TO
-from minbert.training.settings import setting
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from minbert.training.settings import flag_reader
+from minbert.io.settings import flag_reader
 
 BF16_MODES = ("auto", "on", "off")
 # What --bf16 means when not given, in training, --predict_only, minbert-predict, minbert.load and the experiments

@@ -1,7 +1,7 @@
 """One training run's settings: the composition of the settings groups, each declared once by the module that
 uses it, and checked in one place.
 
-Each group is a small dataclass whose fields are the flags of train_multitask.py (minbert.training.settings): the model's
+Each group is a small dataclass whose fields are the flags of train_multitask.py (minbert.io.settings): the model's
 (multitask.ModelSettings), the data's (data_settings.DataSettings), the training loop's
 (trainer_settings.TrainingSettings), the combiner's and SMART's (combiners.MultitaskSettings, smart.SmartSettings),
 the optimizer's (optim.build.OptimizerSettings) and the output's (output_dir.OutputSettings).
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from minbert.io.settings import (add_arguments, first_problem, from_flat, group, owner_of, setting,
+                                      setting_names, to_flat)
 from minbert.methods.combiners import COMBINERS, MultitaskSettings
 from minbert.methods.optim.build import OptimizerSettings
 from minbert.methods.user_combiner import check_interface
@@ -37,8 +39,6 @@ from minbert.tasks.user_tasks import (SPLIT_NAMES, TaskSpecError, check_data_fil
 from minbert.training.config_file import apply_config_file
 from minbert.training.legacy_settings import current_settings
 from minbert.training.output_dir import OutputSettings
-from minbert.training.settings import (add_arguments, first_problem, from_flat, group, owner_of, setting,
-                                      setting_names, to_flat)
 from minbert.training.trainer_settings import TrainingSettings
 
 

@@ -167,7 +167,8 @@ class Trainer(ResumableState):
         def task_loss(task: str) -> torch.Tensor:
             return self.task_loss(task, batches[task], weights[task], noise.get(task))
 
-        ctx = StepContext(self.tasks, task_loss, self.optimizer_step, self.shared_params, self.model, self.sync_grads)
+        ctx = StepContext(self.tasks, task_loss, self.optimizer_step, self.shared_params, self.model, self.sync_grads,
+                          distributed.mean_over_ranks)
         losses = self.combiner_step(ctx)
         losses, self._stop_agreed = distributed.average_losses(losses, self.stop_requested)
         if self.smart is not None:

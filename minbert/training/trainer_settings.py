@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from minbert.io.settings import setting
 from minbert.training.precision import BF16_MODES, DEFAULT_BF16, bf16_flag, resolve_bf16
-from minbert.training.settings import setting
 
 SEED_RANGE = (0, 2**32 - 1)  # numpy's global generator takes 32-bit seeds
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"

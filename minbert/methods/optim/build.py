@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from minbert.io.settings import setting
 from minbert.methods.optim import OPTIMIZERS, build_optimizer, parse_optim_args
-from minbert.training.settings import setting
 
 # What each option of --optim_args must be: a number >= 0, a number > 0, a positive integer, a pair of
 # numbers in [0, 1), true/false, a string. Range checks beyond these are the optimizer's own (e.g. MFAC's).
