@@ -184,3 +184,22 @@ def test_the_old_path_scan_finds_an_old_path():
                                                                                        "minbert/smart.py"]
     assert old_path_uses("minbert/optim/mfac.py, minbert.optim.MFAC") == ["minbert/optim", "minbert.optim"]
     assert old_path_uses("from minbert.training.trainer import Trainer; minbert/methods/smart.py") == []
+
+
+def folder_edges(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
+    """(folder, folder) for each import between two parts of the package; an entry point is its own part."""
+    def part(module: str) -> str:
+        name = module.split(".")[1] if "." in module else "__init__"
+        return name if name in FOLDERS - {"experiments"} else "entry points"
+    return {(part(a), part(b)) for a, deps in graph.items() for b in deps if part(a) != part(b)}
+
+
+def test_the_folders_depend_downward():
+    """docs/architecture.md's picture: io/ at the bottom, training/ above the methods, the model and the tasks, the
+    entry points on top (model/ and tasks/ use each other: heads from the registry, data through the tokenizer)."""
+    below = {"io": set(), "methods": {"io"}, "model": {"io", "tasks"}, "tasks": {"io", "model"},
+             "training": {"io", "methods", "model", "tasks"}}
+    wrong = sorted((a, b) for a, b in folder_edges(import_graph()) if a in below and b not in below[a])
+    assert not wrong, wrong
+    assert folder_edges({"minbert.io.read": {"minbert.training.run"}, "minbert.cli": {"minbert.io.read"}}) == {
+        ("io", "training"), ("entry points", "io")}
