@@ -314,6 +314,8 @@ NOT_RUN = {
                                           "(minutes)",
     ("docs/tasks.md", "model = minbert.load(\"runs/stsbin\")"): "needs the run docs/tasks.md trains "
                                                                  "(tests/test_user_tasks.py runs the same calls)",
+    ("docs/training.md", "scores = run(config)"): "trains the main job with PCGrad (minutes; tests/test_config.py runs "
+                                                    "RunConfig.from_flags, tests/test_user_tasks.py runs run(config))",
     ("docs/tasks.md", "scores = run(config)"): "trains the main job with a task of one's own (minutes; "
                                                  "tests/test_user_tasks.py runs it small)",
 }
