@@ -32,14 +32,6 @@ def write_slice(src: Path, dst: Path, rows: int) -> None:
     dst.write_text("".join(lines[: rows + 1]), encoding="utf-8", newline="")
 
 
-def run_config(*argv: str):
-    """The RunConfig of train_multitask.py's arguments, as the parser reads them and unchecked (what a test builds
-    a model, an optimizer or a Trainer from; train_multitask.py checks it first: cli.check_train_args)."""
-    from minbert.training.run_config import RunConfig
-
-    return RunConfig.from_flags(list(argv))
-
-
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> Path:
     """A data dir with 48 rows of every file (the two unlabeled quora-train rows are past these)."""

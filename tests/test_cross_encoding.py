@@ -23,7 +23,6 @@ from minbert.training.run import build_model
 from minbert.training.run_config import RunConfig
 from minbert.training.trainer import Trainer
 
-from .conftest import run_config
 from .test_cli_errors import usage_error
 from .test_resume import assert_same_weights, last_step, run_cli, train_argv
 
@@ -166,8 +165,8 @@ def test_pair_encoding_flag_is_stored_canonically_and_builds_the_heads():
     assert type(model.heads["qqp"]).__name__ == "CrossParaphraseHead"
     assert model.heads["qqp"].classifier.in_features == model.encoder.config.hidden_size
     assert type(model.heads["sts"]).__name__ == "CosineRegressionHead"  # the --sts_head default, bi
-    sst_only = build_model(run_config("--model_name_or_path", "bert-tiny", "--tasks", "sst",
-                                      "--pair_encoding", "cross"))
+    sst_only = build_model(RunConfig.from_flags(["--model_name_or_path", "bert-tiny", "--tasks", "sst",
+                                                 "--pair_encoding", "cross"]))
     assert sst_only.config.pair_encoding == {}
 
 
@@ -237,8 +236,8 @@ def test_a_bi_batch_for_a_cross_model_is_a_clear_error(small_data):
                                    ["--combiner", "pcgrad"], ["--combiner", "gse", "--bf16"],
                                    ["--combiner", "gse", "--smart", "--smart_sigma", "0.1", "--smart_epsilon", "0.5"]])
 def test_train_step_under_cross_encoding(small_data, tmp_path, one_thread, extra):
-    config = run_config("--model_name_or_path", "bert-tiny", "--pair_encoding", "cross", "--seed", "3",
-                        "--per_device_train_batch_size", "4", "--max_seq_length", "32", *extra)
+    config = RunConfig.from_flags(["--model_name_or_path", "bert-tiny", "--pair_encoding", "cross", "--seed", "3",
+                                   "--per_device_train_batch_size", "4", "--max_seq_length", "32", *extra])
     tokenizer = load_tokenizer("bert-tiny", 32)
     model = build_model(config)
     train = {t: tensorize(load_task(t, "train", small_data, max_samples=8), tokenizer, model.config.encoding(t))

@@ -6,9 +6,10 @@ import pytest
 
 from minbert.tasks.data import TASKS
 from minbert.training.run import run
+from minbert.training.run_config import RunConfig
 from minbert.training.trainer import Trainer
 
-from .conftest import DATA, run_config, write_slice
+from .conftest import DATA, write_slice
 
 SIZES = {"sst": 20, "qqp": 48, "sts": 12}  # batch 4: 5, 12 and 3 batches per pass
 BATCH, K, EPOCHS = 4, 2, 2
@@ -34,7 +35,7 @@ def test_iterations_multiplier_semantics(uneven_data, tmp_path, monkeypatch):
         return original(self, step)
 
     monkeypatch.setattr(Trainer, "train_step", recording_train_step)
-    config = run_config(*[
+    config = RunConfig.from_flags([
         "--model_name_or_path", "bert-tiny", "--data_dir", str(uneven_data), "--iterations_multiplier", str(K),
         "--per_device_train_batch_size", str(BATCH), "--num_train_epochs", str(EPOCHS), "--combiner", "sum",
         "--output_dir", str(tmp_path / "run"),
@@ -73,7 +74,7 @@ def test_iterations_multiplier_semantics(uneven_data, tmp_path, monkeypatch):
 def test_steps_per_epoch_is_capped_by_max_steps_per_epoch(uneven_data, tmp_path, monkeypatch):
     counted = []
     monkeypatch.setattr(Trainer, "train_step", lambda self, step: counted.append(step) or {})
-    config = run_config(*[
+    config = RunConfig.from_flags([
         "--model_name_or_path", "bert-tiny", "--data_dir", str(uneven_data), "--iterations_multiplier", "3",
         "--per_device_train_batch_size", str(BATCH), "--num_train_epochs", "1", "--max_steps_per_epoch", "4",
         "--output_dir", str(tmp_path / "run"),

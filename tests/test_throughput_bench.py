@@ -16,9 +16,10 @@ from minbert.model.multitask import MultitaskBert
 from minbert.model.tokenizer import load_tokenizer
 from minbert.tasks.data import load_task, tensorize
 from minbert.training.run import build_model
+from minbert.training.run_config import RunConfig
 from minbert.training.trainer import Trainer
 
-from .conftest import ROOT, run_config
+from .conftest import ROOT
 
 BENCH = ROOT / "benchmarks" / "throughput.py"
 # Today's three fields first, in this order (scripts read them), then the cross-encoded pipeline's.
@@ -76,7 +77,7 @@ def tiny_args(data_dir, out, *extra):
 
 
 def test_bf16_autocasts_the_training_forward_pass_and_keeps_float32_weights(small_data, tmp_path, one_thread):
-    config = run_config(*tiny_args(small_data, tmp_path, "--bf16", "--tasks", "sst"))
+    config = RunConfig.from_flags(tiny_args(small_data, tmp_path, "--bf16", "--tasks", "sst"))
     tokenizer = load_tokenizer("bert-tiny", 32)
     train = {"sst": tensorize(load_task("sst", "train", small_data, max_samples=32), tokenizer)}
     model = build_model(config)
@@ -102,7 +103,7 @@ def test_torch_compile_end_to_end_saves_clean_checkpoint_keys(small_data, tmp_pa
     """Compiling takes about a minute of CPU time on first use (inductor's cache makes reruns faster)."""
     assert train_main(tiny_args(small_data, tmp_path, "--torch_compile", "--tasks", "sst")) == 0
     saved = load_file(tmp_path / "best" / "model.safetensors")
-    fresh = build_model(run_config("--model_name_or_path", "bert-tiny", "--tasks", "sst"))
+    fresh = build_model(RunConfig.from_flags(["--model_name_or_path", "bert-tiny", "--tasks", "sst"]))
     assert set(saved) == set(fresh.state_dict())  # no "_orig_mod." prefixes
     MultitaskBert.load(tmp_path / "best")
     assert (tmp_path / "predictions" / "sst-dev-output.csv").is_file()

@@ -8,8 +8,9 @@ from safetensors.torch import load_file
 
 from minbert.cli import train_main
 from minbert.tasks.predict import score_prediction_dir
+from minbert.training.run_config import RunConfig
 
-from .conftest import ROOT, run_config
+from .conftest import ROOT
 
 SIX = ["sst-dev-output.csv", "sst-test-output.csv", "para-dev-output.csv", "para-test-output.csv",
        "sts-dev-output.csv", "sts-test-output.csv"]
@@ -106,8 +107,8 @@ def test_heads_get_their_own_learning_rate_and_no_decay_on_vectors():
     from minbert.methods.optim.build import optimizer_for_run
     from minbert.training.run import build_model
 
-    config = run_config("--model_name_or_path", "bert-tiny", "--learning_rate", "2e-5", "--head_learning_rate", "3e-3",
-                        "--weight_decay", "0.1")
+    config = RunConfig.from_flags(["--model_name_or_path", "bert-tiny", "--learning_rate", "2e-5",
+                                   "--head_learning_rate", "3e-3", "--weight_decay", "0.1"])
     model = build_model(config)
     opt = optimizer_for_run(config, model)
     head_ids = {id(p) for p in model.heads.parameters()}
