@@ -142,19 +142,27 @@ def _column(path: Path, header: list[str], name: str) -> int:
         raise DataError(f"{path}:1: missing column {name!r} (named columns: {shown})") from None
 
 
+def finite_number(text: str, what: str) -> float:
+    """The finite number ``text`` holds (a label, a predicted value); a ValueError ``WHAT 'text' is not a number``
+    (or ``... is not finite``) otherwise. Stricter than float(): "0_1" is refused, not read as 1.0, so a mangled
+    field never becomes a class."""
+    try:
+        if "_" in text:
+            raise ValueError
+        x = float(text)
+    except ValueError:
+        raise ValueError(f"{what} {shorten(text)} is not a number") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{what} {shorten(text)} is not finite")
+    return x
+
+
 def _parse_label(spec: TaskSpec, value: str) -> float | int:
     """Parse a label; raises ValueError (malformed, skippable) or DataError-worthy RangeError."""
     value = value.strip()
     if not value:
         raise ValueError("missing label")
-    try:
-        if "_" in value:  # float() reads "0_1" as 1.0: a mangled label must not become a class
-            raise ValueError
-        x = float(value)
-    except ValueError:
-        raise ValueError(f"label {shorten(value)} is not a number") from None
-    if not math.isfinite(x):
-        raise ValueError(f"label {shorten(value)} is not finite")
+    x = finite_number(value, "label")
     if spec.label_kind == "class":
         n = len(spec.label_map) if spec.label_map else spec.num_labels  # classes in the file
         if x != int(x) or not 0 <= x < n:

@@ -10,7 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from minbert.io import atomic_open, read_text_file
-from minbert.tasks.data import TASKS, DataError, TaskSpec, TaskTensors, id_problem, shorten, sorted_batches
+from minbert.tasks.data import (TASKS, DataError, TaskSpec, TaskTensors, finite_number, id_problem, shorten,
+                                sorted_batches)
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -97,13 +98,9 @@ def _read_prediction_lines(path: str | Path, spec: TaskSpec) -> tuple[dict[str, 
         if pid in preds:
             raise DataError(f"{path}:{n}: duplicate id {shorten(pid)} (first on line {first_line[pid]})")
         try:
-            if "_" in raw:  # float() reads "0_1" as 1.0
-                raise ValueError
-            value = float(raw)
-        except ValueError:
-            raise DataError(f"{path}:{n}: value {shorten(raw)} is not a number") from None
-        if not math.isfinite(value):
-            raise DataError(f"{path}:{n}: value {shorten(raw)} is not finite")
+            value = finite_number(raw, "value")
+        except ValueError as e:
+            raise DataError(f"{path}:{n}: {e}") from None
         if spec.label_kind == "class":
             if value != int(value) or not 0 <= value < spec.num_labels:
                 raise DataError(f"{path}:{n}: value {shorten(raw)} is not a class in 0..{spec.num_labels - 1}")
