@@ -17,7 +17,7 @@ import math
 import re
 from pathlib import Path
 
-from minbert.io import DataError, read_text_file
+from minbert.io import DataError, read_json_file, read_text_file
 from minbert.tasks.registry import METRIC_RANGES, OVERALL, TASKS, TaskSpec, register_user_tasks
 
 INPUTS = {"sentence": ("sentence",), "pair": ("sentence1", "sentence2")}  # input -> its default text columns
@@ -218,8 +218,8 @@ def checkpoint_task_spec(directory: str | Path) -> dict | None:
 
 def _spec_in(path: Path) -> dict | None:
     try:
-        saved = json.loads(read_text_file(path))  # never blocks on a FIFO
-    except ValueError:  # DataError, or not JSON
+        saved = read_json_file(path)  # the package's one JSON gate: never blocks on a FIFO
+    except ValueError:  # DataError: unreadable, or not JSON
         return None
     spec = saved.get("task_spec") if isinstance(saved, dict) else None
     return parse_task_spec(spec, f"{path}: task_spec") if spec is not None else None
